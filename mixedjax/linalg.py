@@ -1,0 +1,91 @@
+"""Small dense linear algebra in plain ``jnp`` ops, batched over leading axes.
+
+Mixed models need many tiny Choleskys (one q x q per group, one p x p for the
+GLS normal equations).  Unrolling them over the (static) matrix size keeps
+batched LAPACK calls off the hot path: it is faster for small q, and it avoids
+a CPU deadlock in some jaxlib releases when two batched LAPACK calls run at
+once (see README, "Known traps").  All functions accept ``(..., k, k)`` arrays.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import Array
+
+
+def cholesky(a: Array, semidefinite: bool = False) -> Array:
+    """Lower Cholesky factor of symmetric positive definite ``a`` (..., k, k).
+
+    Left-looking column algorithm, unrolled over the static size ``k``: ``k``
+    batched vector operations instead of a batched LAPACK call.
+
+    With ``semidefinite=True`` a non-positive pivot gives a zero column (the
+    factor of a positive semidefinite matrix whose columns are dependent),
+    otherwise it gives NaN, as LAPACK would report failure.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from mixedjax.linalg import cholesky
+    >>> cholesky(jnp.array([[4.0, 2.0], [2.0, 5.0]])).tolist()
+    [[2.0, 0.0], [1.0, 2.0]]
+    """
+    k = a.shape[-1]
+    rows = jnp.arange(k)
+    factor = jnp.zeros_like(a)
+    for j in range(k):
+        # column j of A minus the contribution of the columns already done
+        v = a[..., :, j] - jnp.einsum("...ik,...k->...i", factor, factor[..., j, :])
+        pivot = v[..., j]
+        if semidefinite:
+            ok = pivot > 0
+            d = jnp.sqrt(jnp.where(ok, pivot, 1.0))
+            col = jnp.where(ok[..., None], v / d[..., None], 0.0)
+            col = jnp.where(rows == j, jnp.where(ok, d, 0.0)[..., None], col)
+        else:
+            d = jnp.sqrt(pivot)
+            col = jnp.where(rows == j, d[..., None], v / d[..., None])
+        col = jnp.where(rows < j, 0.0, col)
+        factor = factor.at[..., :, j].set(col)
+    return factor
+
+
+def solve_lower(l: Array, b: Array) -> Array:
+    """Solve ``l x = b`` for lower-triangular ``l`` (..., k, k); ``b`` is (..., k) or (..., k, m)."""
+    vec = b.ndim == l.ndim - 1
+    rhs = b[..., None] if vec else b
+    k = l.shape[-1]
+    x = jnp.zeros_like(rhs)
+    for i in range(k):
+        s = rhs[..., i, :] - jnp.einsum("...k,...km->...m", l[..., i, :], x)
+        x = x.at[..., i, :].set(s / l[..., i, i][..., None])
+    return x[..., 0] if vec else x
+
+
+def solve_upper_t(l: Array, b: Array) -> Array:
+    """Solve ``l^T x = b`` for lower-triangular ``l`` (..., k, k); ``b`` is (..., k) or (..., k, m)."""
+    vec = b.ndim == l.ndim - 1
+    rhs = b[..., None] if vec else b
+    k = l.shape[-1]
+    x = jnp.zeros_like(rhs)
+    for i in reversed(range(k)):
+        s = rhs[..., i, :] - jnp.einsum("...k,...km->...m", l[..., :, i], x)
+        x = x.at[..., i, :].set(s / l[..., i, i][..., None])
+    return x[..., 0] if vec else x
+
+
+def cho_solve(l: Array, b: Array) -> Array:
+    """Solve ``(l l^T) x = b`` given the lower Cholesky factor ``l``."""
+    return solve_upper_t(l, solve_lower(l, b))
+
+
+def logdet_from_cholesky(l: Array) -> Array:
+    """``log det(l l^T)`` for a lower Cholesky factor ``l`` (..., k, k)."""
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(l, axis1=-2, axis2=-1)), axis=-1)
+
+
+def spd_inverse(a: Array) -> Array:
+    """Inverse of a symmetric positive definite matrix via the unrolled Cholesky."""
+    l = cholesky(a)
+    eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+    return cho_solve(l, eye)

@@ -1,0 +1,463 @@
+"""The statsmodels-shaped model object: :class:`MixedLM` and :func:`mixedlm`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from . import formula as fml
+from .covariance import CovStructure, normalize_theta, profile_to_theta, unpack_params
+from .data import CrossProducts, GroupedData, bucket, cross_products_jit, group_index, pad_groups
+from .likelihood import em_step, loglike_packed, profile
+from .optimize import Solution, minimize
+
+
+@functools.partial(
+    jax.jit, static_argnames=("structure", "reml", "maxiter", "gtol", "em_iter")
+)
+def fit_theta(
+    theta0: jax.Array,
+    cp: CrossProducts,
+    zmask: jax.Array,
+    structure: CovStructure,
+    reml: bool = True,
+    maxiter: int = 200,
+    gtol: float = 1e-6,
+    em_iter: int = 50,
+) -> Solution:
+    """Minimise the profiled deviance over θ: EM warm start, BFGS, gradient polish (pure JAX, jitted).
+
+    Module-level and jitted once per (shapes, structure, options), so a new model
+    on data of the same padded shape reuses the compiled fit.  Vmappable over
+    ``theta0``, ``cp`` and ``zmask`` (many models at once).
+    """
+    def objective(theta):
+        return profile(theta, cp, structure, reml).deviance
+
+    def warm(theta):
+        return em_step(theta, cp, zmask, structure, reml)
+
+    return minimize(objective, theta0, warm_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol)
+
+
+_loglike_jit = jax.jit(loglike_packed, static_argnames=("structure", "reml", "profile_fe"))
+_score_jit = jax.jit(jax.grad(loglike_packed), static_argnames=("structure", "reml", "profile_fe"))
+_hessian_jit = jax.jit(jax.hessian(loglike_packed), static_argnames=("structure", "reml", "profile_fe"))
+
+
+def _names_of(x: Any, default: str, k: int) -> list[str]:
+    if isinstance(x, pd.DataFrame):
+        return [str(c) for c in x.columns]
+    if isinstance(x, pd.Series) and x.name is not None:
+        return [str(x.name)]
+    return [f"{default}{i + 1}" for i in range(k)] if k > 1 or default != "y" else ["y"]
+
+
+def _as_2d(x: Any, what: str, nobs: int) -> np.ndarray:
+    try:
+        a = np.asarray(x, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be numeric: {e}") from e
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2 or a.shape[0] != nobs:
+        raise ValueError(f"{what} has shape {a.shape}; expected ({nobs}, k) to match endog")
+    return a
+
+
+class MixedLM:
+    """Linear mixed effects model, as statsmodels' ``MixedLM``, on a pure-JAX likelihood.
+
+    For group i, ``y_i = X_i β + Z_i b_i + ε_i`` with ``b_i ~ N(0, cov_re)`` for the
+    ``exog_re`` columns (plus independent variance components from ``exog_vc``)
+    and ``ε_i ~ N(0, scale / w)`` with prior weights ``w`` (lme4's convention).
+
+    Parameters
+    ----------
+    endog : (nobs,) array_like
+        Response.
+    exog : (nobs, p) array_like
+        Fixed-effects design (include a constant column for an intercept).
+    groups : (nobs,) array_like
+        Group labels; groups are independent.
+    exog_re : (nobs, q) array_like, optional
+        Random-effects design; default a random intercept per group.
+    exog_vc : dict, optional
+        statsmodels' variance-components layout: ``exog_vc[name][group]`` is an
+        ``(n_group, k)`` matrix whose columns get iid random effects with one
+        variance per ``name``.
+    weights : (nobs,) array_like, optional
+        Positive prior weights: the residual variance of row i is ``scale / w_i``.
+    missing : {"raise", "drop"}
+        What to do with NaN/inf.
+
+    Examples
+    --------
+    >>> import mixedjax
+    >>> data = mixedjax.datasets.load("dietox")
+    >>> md = mixedjax.mixedlm("Weight ~ Time", data, groups=data["Pig"])
+    >>> mdf = md.fit()
+    >>> round(mdf.llf, 3)
+    -2404.775
+    """
+
+    def __init__(
+        self,
+        endog: Any,
+        exog: Any,
+        groups: Any,
+        exog_re: Any = None,
+        exog_vc: Mapping[str, Mapping[Any, Any]] | None = None,
+        weights: Any = None,
+        missing: str = "raise",
+        *,
+        _vc_designs: list[fml.VCDesign] | None = None,
+        _names: dict | None = None,
+    ) -> None:
+        names = dict(_names or {})
+        y_raw = endog
+        if isinstance(y_raw, pd.DataFrame):
+            if y_raw.shape[1] != 1:
+                raise ValueError(f"endog must be one column, got {y_raw.shape[1]}")
+            y_raw = y_raw.iloc[:, 0]
+        if isinstance(y_raw, pd.Series) and not pd.api.types.is_numeric_dtype(y_raw):
+            raise ValueError(f"the response {y_raw.name!r} is not numeric (dtype {y_raw.dtype})")
+        try:
+            y = np.asarray(y_raw, dtype=float).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the response is not numeric: {e}") from e
+        nobs = y.shape[0]
+        if nobs == 0:
+            raise ValueError("no observations: the data are empty")
+        x = _as_2d(exog, "exog", nobs)
+        groups_arr = pd.Series(groups).reset_index(drop=True) if not isinstance(groups, pd.Series) else \
+            groups.reset_index(drop=True)
+        if len(groups_arr) != nobs:
+            raise ValueError(f"groups has length {len(groups_arr)}; the data have {nobs} rows")
+        if exog_re is None:
+            z_re = np.ones((nobs, 1))
+            re_names = ["Group"]
+        else:
+            z_re = _as_2d(exog_re, "exog_re", nobs) if np.size(exog_re) else np.zeros((nobs, 0))
+            re_names = names.get("exog_re_names") or _names_of(exog_re, "z", z_re.shape[1])
+        w = np.ones(nobs) if weights is None else np.asarray(weights, dtype=float).reshape(-1)
+        if w.shape[0] != nobs:
+            raise ValueError(f"weights has length {w.shape[0]}; the data have {nobs} rows")
+
+        # non-finite values (the array path; the formula path checked and named columns already)
+        bad = ~np.isfinite(y) | ~np.all(np.isfinite(x), axis=1) | ~np.all(np.isfinite(z_re), axis=1) \
+            | ~np.isfinite(w) | groups_arr.isna().to_numpy()
+        if bad.any():
+            if missing != "drop":
+                raise ValueError(f"{int(bad.sum())} row(s) have NaN or infinite values in endog, exog, "
+                                 "exog_re, weights or groups; pass missing='drop' to drop them")
+            keep = ~bad
+            y, x, z_re, w = y[keep], x[keep], z_re[keep], w[keep]
+            groups_arr = groups_arr[keep].reset_index(drop=True)
+            if _vc_designs:
+                raise ValueError("cannot drop rows after variance components were built")
+            nobs = y.shape[0]
+            if nobs == 0:
+                raise ValueError("no observations left after dropping missing values")
+        if np.any(w <= 0):
+            i = int(np.flatnonzero(w <= 0)[0])
+            raise ValueError(f"weights must be positive: {int(np.sum(w <= 0))} are zero or negative "
+                             f"(first at row {i}, value {w[i]})")
+
+        self.endog_names = names.get("endog_names") or _names_of(endog, "y", 1)[0]
+        self.exog_names = names.get("exog_names") or _names_of(exog, "x", x.shape[1])
+        self.exog_re_names = list(re_names)
+        aliased = fml.aliased_columns(x, self.exog_names)
+        if aliased:
+            raise ValueError(f"the fixed-effects design is rank deficient: column(s) {aliased} are "
+                             "linear combinations of the others (aliased); drop them or recode")
+        if nobs <= x.shape[1]:
+            raise ValueError(f"{nobs} observations cannot identify {x.shape[1]} fixed effects and a residual "
+                             "variance")
+
+        gi = group_index(groups_arr)
+        self._gi = gi
+        self.group_labels = gi.labels
+        self.n_groups = len(gi.labels)
+        if z_re.shape[1]:
+            if gi.n_max < z_re.shape[1]:
+                raise ValueError(
+                    f"the random-effects design has {z_re.shape[1]} columns {self.exog_re_names} but the "
+                    f"largest group has {gi.n_max} row(s): no group can identify them")
+            aliased_re = fml.aliased_columns(z_re, self.exog_re_names)
+            if aliased_re:
+                raise ValueError(f"the random-effects design is rank deficient: column(s) {aliased_re} are "
+                                 "linear combinations of the others")
+
+        vcs = list(_vc_designs or [])
+        if exog_vc:
+            for name, blocks in exog_vc.items():
+                vcs.append(fml.vc_from_dict(str(name), blocks, gi.labels, gi.codes, nobs))
+        if z_re.shape[1] == 0 and not vcs:
+            raise ValueError("the model has no random effects: give exog_re, re_formula or variance components")
+        self._vcs = vcs
+        self.structure = CovStructure(
+            q_re=z_re.shape[1],
+            vc_sizes=tuple(v.size for v in vcs),
+            re_names=tuple(self.exog_re_names),
+            vc_names=tuple(v.name for v in vcs),
+        )
+        z = np.concatenate([z_re] + [v.values for v in vcs], axis=1)
+        self.endog, self.exog, self.exog_re, self.weights = y, x, z_re, w
+        self.groups = groups_arr.to_numpy()
+        self._z = z
+        self.nobs = nobs
+        self.k_fe = x.shape[1]
+        self.k_re = z_re.shape[1]
+        self.k_re2 = self.k_re * (self.k_re + 1) // 2
+        self.k_vc = len(vcs)
+        self.group_sizes = gi.sizes
+
+        g_pad, n_pad = bucket(self.n_groups), bucket(gi.n_max)
+        self._padded: GroupedData = pad_groups(gi, y, x, z, w, g_pad, n_pad)
+        self._cp: CrossProducts = cross_products_jit(self._padded)
+        zmask = np.zeros((g_pad, self.structure.q))
+        zmask[: self.n_groups, : self.k_re] = 1.0
+        off = self.k_re
+        for v in vcs:
+            for g, nm in enumerate(v.names):
+                zmask[g, off : off + len(nm)] = 1.0
+            off += v.size
+        self._zmask = jnp.asarray(zmask)
+        self.reml = True
+        self.formula: str | None = names.get("formula")
+        self.data: pd.DataFrame | None = None
+
+    # ------------------------------------------------------------------ names
+    @property
+    def param_names(self) -> list[str]:
+        """statsmodels' names of ``params``: fixed effects, then ``Group Var`` etc."""
+        return list(self.exog_names) + self.structure.cov_param_names()
+
+    # ------------------------------------------------------------ likelihood
+    def _reml(self, reml: bool | None) -> bool:
+        return self.reml if reml is None else bool(reml)
+
+    def loglike(self, params: Any, reml: bool | None = None, profile_fe: bool = True) -> float:
+        """Log-likelihood at statsmodels-packed ``params``, the scale profiled out.
+
+        ``params`` = fixed effects, lower triangle (row-major) of ``cov_re / scale``,
+        ``vcomp / scale``.  With ``profile_fe`` (statsmodels' default) the fixed
+        effects are replaced by their GLS estimate.  ``reml`` defaults to the
+        criterion of the model's last fit (REML before any fit).
+        """
+        pv = self._check_params(params)
+        return float(_loglike_jit(pv, self._cp, self.structure, self._reml(reml), profile_fe))
+
+    def score(self, params: Any, reml: bool | None = None, profile_fe: bool = True) -> np.ndarray:
+        """Gradient of :meth:`loglike` with respect to the packed ``params`` (autodiff)."""
+        pv = self._check_params(params)
+        return np.asarray(_score_jit(pv, self._cp, self.structure, self._reml(reml), profile_fe))
+
+    def hessian(self, params: Any, reml: bool | None = None, profile_fe: bool = False) -> np.ndarray:
+        """Hessian of :meth:`loglike` with respect to the packed ``params`` (autodiff).
+
+        By default the fixed effects are not profiled, so the matrix has the
+        fixed-effects block statsmodels' ``hessian`` has.
+        """
+        pv = self._check_params(params)
+        return np.asarray(_hessian_jit(pv, self._cp, self.structure, self._reml(reml), profile_fe))
+
+    def _check_params(self, params: Any) -> jax.Array:
+        fe, cov, vc = unpack_params(np.asarray(params, dtype=float), self.k_fe, self.structure)
+        return jnp.asarray(np.asarray(params, dtype=float))
+
+    # ------------------------------------------------------------------- fit
+    def fit(
+        self,
+        reml: bool = True,
+        start_params: Any = None,
+        maxiter: int = 200,
+        gtol: float = 1e-6,
+        em_iter: int = 50,
+    ) -> MixedLMResults:  # noqa: F821 - defined in results
+        """Fit by REML (default) or ML: EM warm start, then BFGS, then a gradient polish, all in JAX.
+
+        Parameters
+        ----------
+        reml : bool
+            Restricted maximum likelihood (default) or maximum likelihood.
+        start_params : array_like or MixedLMResults, optional
+            Starting values in statsmodels' packing (``result.params`` of an
+            earlier fit restarts from it), or an earlier result.  Default:
+            lme4's start, Λ = I.
+        maxiter : int
+            Maximum BFGS iterations.
+        gtol : float
+            Convergence when the largest absolute gradient entry of the profiled
+            deviance with respect to θ is below ``gtol``.
+        em_iter : int
+            Maximum EM warm-start iterations (0 disables the warm start).
+
+        Returns
+        -------
+        MixedLMResults
+            Warns with :class:`mixedjax.ConvergenceWarning` when the fit did not
+            converge or is singular (a variance estimate on the boundary, 0).
+        """
+        from .results import MixedLMResults
+
+        self.reml = bool(reml)
+        if start_params is None:
+            theta0 = self.structure.theta_start()
+        else:
+            sp = getattr(start_params, "params", start_params)
+            _, cov, vc = unpack_params(np.asarray(sp, dtype=float), self.k_fe, self.structure)
+            theta0 = profile_to_theta(cov, vc, self.structure)
+        sol = fit_theta(jnp.asarray(theta0, dtype=self._cp.xtx.dtype), self._cp, self._zmask, self.structure,
+                        reml=self.reml, maxiter=int(maxiter), gtol=float(gtol), em_iter=int(em_iter))
+        sol = jax.device_get(sol)
+        theta = normalize_theta(np.asarray(sol.x), self.structure)
+        return MixedLMResults(self, theta, sol, self.reml)
+
+    @classmethod
+    def from_formula(
+        cls,
+        formula: str,
+        data: pd.DataFrame,
+        groups: Any,
+        re_formula: str | None = None,
+        vc_formula: Mapping[str, str] | None = None,
+        weights: Any = None,
+        missing: str = "raise",
+    ) -> MixedLM:
+        """See :func:`mixedlm`."""
+        return mixedlm(formula, data, groups, re_formula=re_formula, vc_formula=vc_formula,
+                       weights=weights, missing=missing)
+
+
+def mixedlm(
+    formula: str,
+    data: pd.DataFrame,
+    groups: Any,
+    re_formula: str | None = None,
+    vc_formula: Mapping[str, str] | None = None,
+    weights: Any = None,
+    missing: str = "raise",
+) -> MixedLM:
+    """Build a :class:`MixedLM` from a formula, as ``statsmodels.formula.api.mixedlm``.
+
+    Parameters
+    ----------
+    formula : str
+        Fixed effects, e.g. ``"Weight ~ Time + C(Evit)"`` (formulaic syntax:
+        categoricals in their pandas category order, interactions, ``np.log(x)``).
+    data : pandas.DataFrame
+        Never modified.
+    groups : str or array_like
+        Column name or a vector of group labels, one per row.
+    re_formula : str, optional
+        Random-effects design per group, e.g. ``"~Time"`` (intercept and slope,
+        correlated); default ``"1"``, a random intercept; ``"0"`` none.
+    vc_formula : dict, optional
+        Variance components, statsmodels' meaning: ``{"cask": "0 + C(cask)"}``
+        gives every column of that design, within each group, an independent
+        random effect with one common variance.
+    weights : str or array_like, optional
+        Prior weights (column name or vector): row i has residual variance
+        ``scale / w_i``, as lme4's ``weights``.
+    missing : {"raise", "drop"}
+        NaN/inf in a used column raise a ``ValueError`` naming it, or drop the
+        rows (with a warning giving the count).
+
+    Examples
+    --------
+    >>> import mixedjax
+    >>> data = mixedjax.datasets.load("dietox")
+    >>> md = mixedjax.mixedlm("Weight ~ Time", data, groups=data["Pig"], re_formula="~Time")
+    >>> round(md.fit().llf, 3)
+    -2217.047
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("no observations: the data frame is empty")
+    if "~" not in formula:
+        raise ValueError(f"formula {formula!r} has no '~': write it as 'response ~ terms'")
+    lhs, rhs = formula.split("~", 1)
+    yname = lhs.strip()
+    if yname not in data.columns:
+        raise ValueError(f"response column {yname!r} is not in the data; available: {list(data.columns)}")
+    if not pd.api.types.is_numeric_dtype(data[yname]) or pd.api.types.is_bool_dtype(data[yname]):
+        raise ValueError(f"the response {yname!r} is not numeric (dtype {data[yname].dtype})")
+    used = [yname] + fml.required_columns("~" + rhs, data, "formula")
+    re_f = "1" if re_formula is None else re_formula
+    used += fml.required_columns("~" + fml._as_rhs(re_f), data, "re_formula") if fml._as_rhs(re_f) not in (
+        "0", "1", "-1") else []
+    for name, f in (vc_formula or {}).items():
+        used += fml.required_columns("~" + fml._as_rhs(f), data, f"vc_formula[{name!r}]")
+
+    frame = data
+    extra = {}
+    if isinstance(groups, str):
+        if groups not in data.columns:
+            raise ValueError(f"groups column {groups!r} is not in the data; available: {list(data.columns)}")
+        used.append(groups)
+        gname = groups
+    else:
+        g = pd.Series(groups.to_numpy() if isinstance(groups, pd.Series) else np.asarray(groups))
+        if len(g) != len(data):
+            raise ValueError(f"groups has length {len(g)}; the data have {len(data)} rows")
+        gname = groups.name if isinstance(groups, pd.Series) and groups.name is not None else "groups"
+        extra["__groups__"] = g.to_numpy() if not isinstance(g.dtype, pd.CategoricalDtype) else g.values
+    if weights is not None:
+        if isinstance(weights, str):
+            if weights not in data.columns:
+                raise ValueError(f"weights column {weights!r} is not in the data")
+            used.append(weights)
+        else:
+            wv = np.asarray(weights, dtype=float).reshape(-1)
+            if len(wv) != len(data):
+                raise ValueError(f"weights has length {len(wv)}; the data have {len(data)} rows")
+            extra["__weights__"] = wv
+    used = list(dict.fromkeys(used))
+    if extra:
+        frame = data.assign(**extra)  # a new frame: the caller's is untouched
+        used += list(extra)
+    frame, _ = fml.check_finite(frame, used, missing)
+    if len(frame) == 0:
+        raise ValueError("no observations left after dropping missing values")
+
+    x = fml.design(rhs, frame)
+    if x.shape[1] == 0:
+        raise ValueError(f"formula {formula!r} has no fixed effects; mixedjax needs at least one")
+    gvec = frame[groups] if isinstance(groups, str) else frame["__groups__"]
+    if re_formula is not None and fml._as_rhs(re_formula) in ("0", "-1"):
+        z_re = np.zeros((len(frame), 0))
+        re_names: list[str] = []
+    else:
+        zdf = fml.design(re_f, frame)
+        z_re = zdf.to_numpy()
+        re_names = ["Group" if c == "Intercept" else c for c in zdf.columns]
+    w = None
+    if weights is not None:
+        w = frame[weights].to_numpy(dtype=float) if isinstance(weights, str) else frame["__weights__"].to_numpy()
+
+    gi = group_index(gvec.reset_index(drop=True))
+    vcs = []
+    for name, f in (vc_formula or {}).items():
+        vdf = fml.design(f, frame)
+        vcs.append(fml.vc_from_matrix(str(name), vdf.to_numpy(), list(vdf.columns), gi.codes, len(gi.labels)))
+    model = MixedLM(
+        frame[yname].to_numpy(dtype=float), x.to_numpy(), gvec.reset_index(drop=True),
+        exog_re=z_re if z_re.shape[1] else np.zeros((len(frame), 0)), weights=w, missing="raise",
+        _vc_designs=vcs,
+        _names={"endog_names": yname, "exog_names": list(x.columns), "exog_re_names": re_names,
+                "formula": formula},
+    )
+    model.data = frame
+    model.group_name = str(gname)
+    model.re_formula = re_formula
+    model.vc_formula = dict(vc_formula or {})
+    return model
