@@ -123,7 +123,7 @@ class CovStructure:
         else:
             r, c = self.re_tril
             names += [
-                self.re_names[i] if i == j else f"{self.re_names[i]} x {self.re_names[j]}"
+                self.re_names[i] if i == j else f"{self.re_names[j]} x {self.re_names[i]}"
                 for i, j in zip(r, c, strict=True)
             ]
         return names + list(self.vc_names)
@@ -132,7 +132,7 @@ class CovStructure:
         """statsmodels' names for the variance rows: ``Group Var``, ``Group x Time Cov``, ``cask Var``."""
         r, c = self.re_tril
         names = [
-            f"{self.re_names[i]} Var" if i == j else f"{self.re_names[i]} x {self.re_names[j]} Cov"
+            f"{self.re_names[i]} Var" if i == j else f"{self.re_names[j]} x {self.re_names[i]} Cov"
             for i, j in zip(r, c, strict=True)
         ]
         return names + [f"{n} Var" for n in self.vc_names]

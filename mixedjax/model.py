@@ -231,6 +231,8 @@ class MixedLM:
             off += v.size
         self._zmask = jnp.asarray(zmask)
         self.reml = True
+        self.group_name = names.get("group_name") or (
+            str(groups.name) if isinstance(groups, pd.Series) and groups.name is not None else "Group")
         self.formula: str | None = names.get("formula")
         self.data: pd.DataFrame | None = None
 

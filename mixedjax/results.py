@@ -61,21 +61,19 @@ class Summary:
     def as_text(self) -> str:
         table = self.tables[1]
         body = table.to_string(justify="right")
-        width = max(len(line) for line in body.splitlines())
         half = (len(self.info) + 1) // 2
         left, right = self.info[:half], self.info[half:]
-        lw = max(len(k) + len(v) for k, v in left) + 2
-        rw = max((len(k) + len(v) for k, v in right), default=0) + 2
+        kw1 = max(len(k) for k, _ in left) + 1
+        vw1 = max(len(v) for _, v in left) + 1
+        kw2 = max((len(k) for k, _ in right), default=0) + 1
+        vw2 = max((len(v) for _, v in right), default=0)
         lines = []
         for i in range(half):
             k, v = left[i]
-            s = k + " " * (lw - len(k) - len(v) - 1) + v
-            if i < len(right):
-                k2, v2 = right[i]
-                s += "  " + k2 + " " * (rw - len(k2) - len(v2) - 1) + v2
-            lines.append(s)
-        width = max(width, max(len(s) for s in lines))
-        out = [self.title.center(width), "=" * width, *lines, "-" * width]
+            k2, v2 = right[i] if i < len(right) else ("", "")
+            lines.append(f"{k:<{kw1}}{v:<{vw1}}{k2:<{kw2}}{v2:<{vw2}}".rstrip())
+        width = max(max(len(line) for line in body.splitlines()), max(len(s) for s in lines))
+        out = [self.title.center(width).rstrip(), "=" * width, *lines, "-" * width]
         header, *rows = body.splitlines()
         out += [header, "-" * width, *rows, "=" * width]
         if self.extra:

@@ -1,0 +1,76 @@
+"""Shared fixtures: reference cases (copied from lme4 fits into tests/reference) and their data."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mixedjax
+
+REF = pathlib.Path(__file__).parent / "reference"
+
+CASES = [
+    f"{c}_{m}"
+    for c in ["dietox_ri", "dietox_rs", "dietox_indep", "sleepstudy_corr", "sleepstudy_indep",
+              "sleepstudy_weighted", "dyestuff", "dyestuff2", "pastes"]
+    for m in ["reml", "ml"]
+]
+
+
+def load_case(case_id: str) -> dict:
+    return json.loads((REF / f"{case_id}.json").read_text())
+
+
+def case_data(case: dict) -> pd.DataFrame:
+    df = mixedjax.datasets.load(case["dataset"].split(".")[0])
+    w = case["model"].get("weights")
+    if w:
+        df[w["column"]] = df.eval(w["python"]).astype(float)
+    return df
+
+
+def fit_case(case: dict) -> mixedjax.MixedLMResults:
+    """Fit a reference case through the statsmodels-style formula API."""
+    df = case_data(case)
+    spec = case["model"]["statsmodels"]
+    kw = {}
+    if case["model"].get("weights"):
+        kw["weights"] = case["model"]["weights"]["column"]
+    if spec.get("re_formula") is not None:
+        kw["re_formula"] = spec["re_formula"]
+    if spec.get("vc_formula"):
+        kw["vc_formula"] = spec["vc_formula"]
+    formula = spec["formula"].replace("C(", "").replace(")", "") if "Treatment" in spec["formula"] else spec[
+        "formula"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mixedjax.ConvergenceWarning)
+        return mixedjax.mixedlm(formula, df, groups=spec["groups"], **kw).fit(reml=case["method"] == "REML")
+
+
+def rel(a: float, b: float, floor: float) -> float:
+    return abs(a - b) / max(abs(b), floor)
+
+
+@pytest.fixture(scope="session")
+def dietox() -> pd.DataFrame:
+    return mixedjax.datasets.load("dietox")
+
+
+@pytest.fixture(scope="session")
+def sleepstudy() -> pd.DataFrame:
+    return mixedjax.datasets.load("sleepstudy")
+
+
+def simulate_rs(rng: np.random.Generator, n_groups: int = 18, n_per: int = 10) -> pd.DataFrame:
+    """Sleepstudy-shaped random-slope data."""
+    g = np.repeat(np.arange(n_groups), n_per)
+    x = np.tile(np.arange(n_per, dtype=float), n_groups)
+    b0 = rng.normal(0, 25, n_groups)
+    b1 = rng.normal(0, 6, n_groups)
+    y = 250 + 10 * x + b0[g] + b1[g] * x + rng.normal(0, 25, g.size)
+    return pd.DataFrame({"y": y, "x": x, "g": g.astype(str)})
