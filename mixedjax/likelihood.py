@@ -80,8 +80,11 @@ def normal_equations(gs: GroupSolve, cp: CrossProducts) -> Normal:
     return Normal(a, b, yy, logdet_v)
 
 
-def profile_lam(lam: Array, cp: CrossProducts, reml: bool) -> Profiled:
-    """Profile β and σ² out at relative factor Λ; return the deviance and what it is made of."""
+def profile_lam(lam: Array, cp: CrossProducts, reml: bool | Array) -> Profiled:
+    """Profile β and σ² out at relative factor Λ; return the deviance and what it is made of.
+
+    ``reml`` may be a traced boolean, so one compiled program serves ML and REML.
+    """
     gs = solve_groups(lam, cp)
     ne = normal_equations(gs, cp)
     p = ne.a.shape[0]
@@ -89,20 +92,19 @@ def profile_lam(lam: Array, cp: CrossProducts, reml: bool) -> Profiled:
     u = solve_lower(chol_a, ne.b)
     beta = solve_upper_t(chol_a, u)
     r2 = ne.yy - jnp.dot(u, u)
-    df = cp.nobs - p if reml else cp.nobs
+    is_reml = jnp.asarray(reml, dtype=r2.dtype)
+    df = cp.nobs - p * is_reml
     sigma2 = r2 / df
-    deviance = ne.logdet_v + df * (1.0 + LOG_2PI + jnp.log(sigma2))
-    if reml:
-        deviance = deviance + logdet_from_cholesky(chol_a)
+    deviance = ne.logdet_v + df * (1.0 + LOG_2PI + jnp.log(sigma2)) + is_reml * logdet_from_cholesky(chol_a)
     return Profiled(deviance, beta, sigma2, r2, chol_a, ne, gs)
 
 
-def profile(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool) -> Profiled:
+def profile(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool | Array) -> Profiled:
     """:func:`profile_lam` at ``theta``."""
     return profile_lam(lam_from_theta(theta, structure), cp, reml)
 
 
-def deviance(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool) -> Array:
+def deviance(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool | Array) -> Array:
     """Profiled deviance −2ℓ(θ) (ML) or REML criterion; the function the optimiser minimises.
 
     Examples
@@ -119,7 +121,7 @@ def deviance(theta: Array, cp: CrossProducts, structure: CovStructure, reml: boo
 
 
 def deviance_at(
-    lam: Array, beta: Array | None, sigma2: Array | None, cp: CrossProducts, reml: bool
+    lam: Array, beta: Array | None, sigma2: Array | None, cp: CrossProducts, reml: bool | Array
 ) -> Array:
     """−2ℓ with β and/or σ² given instead of profiled (``None``: profiled at that step).
 
@@ -136,15 +138,14 @@ def deviance_at(
         r2 = ne.yy - jnp.dot(u, u)
     else:
         r2 = ne.yy - 2.0 * jnp.dot(ne.b, beta) + beta @ ne.a @ beta
-    df = cp.nobs - p if reml else cp.nobs
+    is_reml = jnp.asarray(reml, dtype=r2.dtype)
+    df = cp.nobs - p * is_reml
     if sigma2 is None:
         s2 = r2 / df
         dev = ne.logdet_v + df * (1.0 + LOG_2PI + jnp.log(s2))
     else:
         dev = ne.logdet_v + df * (LOG_2PI + jnp.log(sigma2)) + r2 / sigma2
-    if reml:
-        dev = dev + logdet_from_cholesky(chol_a)
-    return dev
+    return dev + is_reml * logdet_from_cholesky(chol_a)
 
 
 def loglike_packed(
@@ -163,7 +164,7 @@ def loglike_packed(
 
 
 def loglike_natural(
-    vparams: Array, beta: Array, cp: CrossProducts, structure: CovStructure, reml: bool
+    vparams: Array, beta: Array, cp: CrossProducts, structure: CovStructure, reml: bool | Array
 ) -> Array:
     """Log-likelihood in the natural parameterisation: ``vparams = (cov_re tril, vcomp, scale)``.
 
@@ -182,7 +183,7 @@ class Blups(NamedTuple):
     cov: Array
 
 
-def blups(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool) -> Blups:
+def blups(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool | Array) -> Blups:
     """BLUPs ``b_i = Λ M_i⁻¹ Λᵀ Z_iᵀ(y_i − X_i β̂)`` and ``Var(b_i | y) = σ² Λ M_i⁻¹ Λᵀ`` (β̂ fixed)."""
     lam = lam_from_theta(theta, structure)
     pr = profile_lam(lam, cp, reml)
@@ -198,7 +199,7 @@ def blups(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool) 
 
 
 def em_step(
-    theta: Array, cp: CrossProducts, zmask: Array, structure: CovStructure, reml: bool
+    theta: Array, cp: CrossProducts, zmask: Array, structure: CovStructure, reml: bool | Array
 ) -> Array:
     """One EM update of θ (Laird & Ware 1982), β and σ² profiled at the current θ.
 

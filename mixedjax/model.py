@@ -19,7 +19,7 @@ from .optimize import Solution, minimize
 
 
 @functools.partial(
-    jax.jit, static_argnames=("structure", "reml", "maxiter", "gtol", "em_iter")
+    jax.jit, static_argnames=("structure", "maxiter", "gtol", "em_iter")
 )
 def fit_theta(
     theta0: jax.Array,
@@ -46,9 +46,9 @@ def fit_theta(
     return minimize(objective, theta0, warm_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol)
 
 
-_loglike_jit = jax.jit(loglike_packed, static_argnames=("structure", "reml", "profile_fe"))
-_score_jit = jax.jit(jax.grad(loglike_packed), static_argnames=("structure", "reml", "profile_fe"))
-_hessian_jit = jax.jit(jax.hessian(loglike_packed), static_argnames=("structure", "reml", "profile_fe"))
+_loglike_jit = jax.jit(loglike_packed, static_argnames=("structure", "profile_fe"))
+_score_jit = jax.jit(jax.grad(loglike_packed), static_argnames=("structure", "profile_fe"))
+_hessian_jit = jax.jit(jax.hessian(loglike_packed), static_argnames=("structure", "profile_fe"))
 
 
 def _names_of(x: Any, default: str, k: int) -> list[str]:

@@ -44,9 +44,9 @@ class OptimSummary(NamedTuple):
     message: str
 
 
-_profile_jit = jax.jit(profile, static_argnames=("structure", "reml"))
-_blups_jit = jax.jit(blups, static_argnames=("structure", "reml"))
-_info_jit = jax.jit(jax.hessian(loglike_natural), static_argnames=("structure", "reml"))
+_profile_jit = jax.jit(profile, static_argnames=("structure",))
+_blups_jit = jax.jit(blups, static_argnames=("structure",))
+_info_jit = jax.jit(jax.hessian(loglike_natural), static_argnames=("structure",))
 
 
 class Summary:
