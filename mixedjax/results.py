@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .covariance import lam_from_theta, pack_params, theta_to_profile
+from .covariance import pack_params, theta_to_profile
 from .likelihood import blups, loglike_natural, profile
 from .optimize import Result
 

@@ -89,8 +89,8 @@ def main() -> None:
         print(f"  worst: {w['diff']:.6g} (dataset {w['dataset']}, {w['kind']})")
         print("  by kind: " + ", ".join(
             f"{k}={v}" for k, v in below["kind"].value_counts().sort_index().items()))
-        print("  below by > 1e-3: %d, > 1e-2: %d, > 1e-1: %d, > 1: %d" % tuple(
-            (below["diff"] < -c).sum() for c in (1e-3, 1e-2, 1e-1, 1.0)))
+        counts = [int((below["diff"] < -c).sum()) for c in (1e-3, 1e-2, 1e-1, 1.0)]
+        print("  below by > 1e-3: {}, > 1e-2: {}, > 1e-1: {}, > 1: {}".format(*counts))
     print(f"above lme4 REML logLik by > {TOL:g}: {len(above)}"
           + (f" (max {above['diff'].max():.3g})" if len(above) else ""))
     bb = out[out["diff_best"] < -TOL]
