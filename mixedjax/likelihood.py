@@ -183,19 +183,19 @@ class Blups(NamedTuple):
     cov: Array
 
 
-def blups(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool | Array) -> Blups:
-    """BLUPs ``b_i = Λ M_i⁻¹ Λᵀ Z_iᵀ(y_i − X_i β̂)`` and ``Var(b_i | y) = σ² Λ M_i⁻¹ Λᵀ`` (β̂ fixed)."""
-    lam = lam_from_theta(theta, structure)
-    pr = profile_lam(lam, cp, reml)
+def _posterior(lam: Array, pr: Profiled) -> Blups:
+    """``b̂_i = Λ M_i⁻¹ Λᵀ Z_iᵀ(y_i − X_i β̂)`` and ``Var(b_i | y) = σ² Λ M_i⁻¹ Λᵀ`` from a profiled fit."""
     gs = pr.groups
     u = solve_upper_t(gs.chol, gs.d - jnp.einsum("gqp,p->gq", gs.c, pr.beta))
     b = jnp.einsum("ij,gj->gi", lam, u)
-    q = lam.shape[0]
-    eye = jnp.broadcast_to(jnp.eye(q, dtype=lam.dtype), gs.chol.shape)
     linv_lt = solve_lower(gs.chol, jnp.broadcast_to(lam.T, gs.chol.shape))  # L⁻¹ Λᵀ
-    del eye
-    cov = pr.sigma2 * jnp.einsum("gki,gkj->gij", linv_lt, linv_lt)
-    return Blups(b, cov)
+    return Blups(b, pr.sigma2 * jnp.einsum("gki,gkj->gij", linv_lt, linv_lt))
+
+
+def blups(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool | Array) -> Blups:
+    """BLUPs (conditional modes) and conditional covariances (lme4's condVar) at θ, β̂ held fixed."""
+    lam = lam_from_theta(theta, structure)
+    return _posterior(lam, profile_lam(lam, cp, reml))
 
 
 def em_step(
@@ -210,11 +210,8 @@ def em_step(
     """
     lam = lam_from_theta(theta, structure)
     pr = profile_lam(lam, cp, reml)
-    gs = pr.groups
-    u = solve_upper_t(gs.chol, gs.d - jnp.einsum("gqp,p->gq", gs.c, pr.beta))
-    b = jnp.einsum("ij,gj->gi", lam, u)
-    linv_lt = solve_lower(gs.chol, jnp.broadcast_to(lam.T, gs.chol.shape))
-    second = jnp.einsum("gi,gj->gij", b, b) + pr.sigma2 * jnp.einsum("gki,gkj->gij", linv_lt, linv_lt)
+    post = _posterior(lam, pr)
+    second = jnp.einsum("gi,gj->gij", post.b, post.b) + post.cov
     real = (cp.n > 0).astype(theta.dtype)
     parts = []
     qr = structure.q_re
@@ -233,6 +230,4 @@ def em_step(
         v = jnp.sum(diag2[:, off : off + size] * m) / jnp.maximum(jnp.sum(m), 1.0) / pr.sigma2
         parts.append(jnp.sqrt(v)[None])
         off += size
-    new = jnp.concatenate(parts)
-    # keep the sign pattern of θ (Λ's columns may carry either sign)
-    return new
+    return jnp.concatenate(parts)
