@@ -258,7 +258,7 @@ def lam_from_profile_jax(cov_re1: Array, vcomp1: Array, structure: CovStructure)
         if structure.re_diagonal:
             block = jnp.diag(jnp.sqrt(jnp.diag(cov_re1)))
         else:
-            block = cholesky(cov_re1)
+            block = cholesky(cov_re1, semidefinite=True)
         lam = lam.at[: structure.q_re, : structure.q_re].set(block)
     off = structure.q_re
     for k, size in enumerate(structure.vc_sizes):

@@ -258,7 +258,12 @@ class MixedLM:
         return float(_loglike_jit(pv, self._cp, self.structure, self._reml(reml), profile_fe))
 
     def score(self, params: Any, reml: bool | None = None, profile_fe: bool = True) -> np.ndarray:
-        """Gradient of :meth:`loglike` with respect to the packed ``params`` (autodiff)."""
+        """Gradient of :meth:`loglike` with respect to the packed ``params`` (autodiff).
+
+        Differentiates through the square-root factor of ``cov_re / scale``, so it is
+        NaN where a variance in ``params`` is exactly 0 (the factor is not
+        differentiable there); :mod:`mixedjax.lindstrom_bates` has closed forms.
+        """
         pv = self._check_params(params)
         return np.asarray(_score_jit(pv, self._cp, self.structure, self._reml(reml), profile_fe))
 
@@ -322,6 +327,29 @@ class MixedLM:
         sol = jax.device_get(sol)
         theta = normalize_theta(np.asarray(sol.x), self.structure)
         return MixedLMResults(self, theta, sol, self.reml)
+
+    def fit_many(self, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
+                 em_iter: int = 50) -> Any:
+        """Fit one model per column of ``y`` (an (nobs, M) array or column names) in one vmapped call.
+
+        NaN in a column drops those rows for that model only (``n_dropped`` in the
+        results).  Returns a :class:`mixedjax.batch.BatchResults` with arrays over
+        the model axis (``fe_params [M, p]``, ``cov_re [M, q, q]``, ``llf``,
+        ``converged``, ...), ``to_frame()`` and ``result_for(m)``.
+
+        Examples
+        --------
+        >>> import mixedjax, numpy as np
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> md = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days")
+        >>> Y = np.column_stack([d.Reaction, d.Reaction * 2.0])
+        >>> res = md.fit_many(Y)
+        >>> res.fe_params.shape, bool(res.converged.all())
+        ((2, 2), True)
+        """
+        from .batch import fit_many
+
+        return fit_many(self, y, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter)
 
     @classmethod
     def from_formula(

@@ -1,0 +1,70 @@
+"""Many responses on one design: MixedLM.fit_many equals fitting each model alone."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import mixedjax
+
+
+@pytest.fixture(scope="module")
+def batch():
+    d = mixedjax.datasets.load("sleepstudy")
+    rng = np.random.default_rng(7)
+    g = d.Subject.cat.codes.to_numpy()
+    ys = []
+    for m in range(60):
+        slope_sd = 0.0 if m % 3 == 0 else 6.0  # a third with no slope variance: often singular
+        b0, b1 = rng.normal(0, 25, 18), rng.normal(0, slope_sd, 18)
+        ys.append(250 + 10 * d.Days.to_numpy() + b0[g] + b1[g] * d.Days.to_numpy() + rng.normal(0, 25, 180))
+    y = np.column_stack(ys)
+    y[rng.random(y.shape) < 0.03] = np.nan  # per-model gaps
+    model = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days")
+    return d, y, model, model.fit_many(y)
+
+
+def test_each_batched_fit_equals_single_fit(batch):
+    d, y, _, res = batch
+    n_singular = 0
+    for m in range(y.shape[1]):
+        keep = np.isfinite(y[:, m])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mixedjax.ConvergenceWarning)
+            r = mixedjax.mixedlm("y ~ Days", d.assign(y=y[:, m])[keep], groups="Subject", re_formula="~Days").fit()
+        n_singular += r.singular
+        assert res.n_dropped[m] == int((~keep).sum())
+        if not (r.converged and res.converged[m]):
+            continue
+        assert abs(res.llf[m] - r.llf) <= 1e-8
+        np.testing.assert_allclose(res.fe_params[m], r.fe_params.to_numpy(), rtol=1e-6)
+        total = r.scale + np.trace(r.cov_re.to_numpy())
+        assert np.max(np.abs(res.cov_re[m] - r.cov_re.to_numpy())) <= 1e-6 * total + 1e-6 * np.abs(
+            r.cov_re.to_numpy()).max()
+        assert abs(res.scale[m] - r.scale) <= 1e-6 * r.scale
+    assert n_singular >= 3  # the batch really contains boundary fits
+    assert res.converged.mean() == 1.0
+
+
+def test_tidy_frame_and_single_result(batch):
+    _, y, model, res = batch
+    df = res.to_frame()
+    assert list(df.columns[:5]) == ["Intercept", "Days", "Group Var", "Group x Days Cov", "Days Var"]
+    assert len(df) == y.shape[1] and df.converged.all()
+    r5 = res.result_for(5)
+    assert r5.llf == pytest.approx(res.llf[5], abs=1e-8)
+    assert "Group x Days Cov" in str(r5.summary())
+
+
+def test_column_names_and_bad_shape(sleepstudy):
+    d = sleepstudy.assign(R2=sleepstudy.Reaction * 1.5)
+    model = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject")
+    res = model.fit_many(["Reaction", "R2"])
+    assert res.names == ["Reaction", "R2"]
+    assert res.fe_params[1, 0] == pytest.approx(1.5 * res.fe_params[0, 0], rel=1e-8)
+    with pytest.raises(ValueError, match="expected \\(180, M\\)"):
+        model.fit_many(np.ones((10, 2)))
+    with pytest.raises(ValueError, match="not in the data"):
+        model.fit_many(["nope"])
