@@ -13,6 +13,7 @@ import pandas as pd
 from scipy import stats
 
 from .covariance import pack_params, theta_to_profile
+from .inference import InferenceMixin
 from .likelihood import blups, loglike_natural, profile
 from .optimize import Result
 
@@ -87,7 +88,7 @@ class Summary:
         return self.as_text()
 
 
-class MixedLMResults:
+class MixedLMResults(InferenceMixin):
     """Results of :meth:`MixedLM.fit`, with statsmodels' attribute names.
 
     Attributes
