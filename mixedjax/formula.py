@@ -41,6 +41,21 @@ def design(formula: str, data: pd.DataFrame) -> pd.DataFrame:
     if rhs in ("0", "-1", "0 +", ""):
         return pd.DataFrame(index=data.index)
     mm = model_matrix(rhs, data, na_action="ignore")
+    out = pd.DataFrame(np.asarray(mm, dtype=float), columns=list(mm.columns), index=data.index)
+    out.attrs["model_spec"] = mm.model_spec
+    return out
+
+
+def design_like(df_with_spec: pd.DataFrame, data: pd.DataFrame) -> pd.DataFrame:
+    """The design of new ``data`` with the columns, levels and coding of an earlier :func:`design`.
+
+    Categorical levels and contrasts come from the stored formulaic ``ModelSpec``, so new data with
+    fewer levels still get every column.
+    """
+    spec = df_with_spec.attrs.get("model_spec")
+    if spec is None:  # an empty design (no columns)
+        return pd.DataFrame(index=data.index)
+    mm = spec.get_model_matrix(data, na_action="ignore")
     return pd.DataFrame(np.asarray(mm, dtype=float), columns=list(mm.columns), index=data.index)
 
 

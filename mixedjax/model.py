@@ -235,6 +235,7 @@ class MixedLM:
             str(groups.name) if isinstance(groups, pd.Series) and groups.name is not None else "Group")
         self.formula: str | None = names.get("formula")
         self.data: pd.DataFrame | None = None
+        self.designs: dict | None = None
 
     # ------------------------------------------------------------------ names
     @property
@@ -476,8 +477,10 @@ def mixedlm(
 
     gi = group_index(gvec.reset_index(drop=True))
     vcs = []
+    vdfs = {}
     for name, f in (vc_formula or {}).items():
         vdf = fml.design(f, frame)
+        vdfs[name] = vdf
         vcs.append(fml.vc_from_matrix(str(name), vdf.to_numpy(), list(vdf.columns), gi.codes, len(gi.labels)))
     model = MixedLM(
         frame[yname].to_numpy(dtype=float), x.to_numpy(), gvec.reset_index(drop=True),
@@ -487,6 +490,8 @@ def mixedlm(
                 "formula": formula},
     )
     model.data = frame
+    # designs with their formulaic specs, for new data (prediction): fixed, random, variance components
+    model.designs = {"fe": x, "re": None if not z_re.shape[1] else zdf, "vc": vdfs}
     model.group_name = str(gname)
     model.re_formula = re_formula
     model.vc_formula = dict(vc_formula or {})
