@@ -120,7 +120,7 @@ class BatchResults:
 
 
 def fit_many(model: MixedLM, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
-             em_iter: int = 50) -> BatchResults:
+             em_iter: int = 10) -> BatchResults:
     """Fit one model per column of ``y`` on ``model``'s design, in one vmapped call.
 
     ``y`` is an (nobs, M) array or a list of column names of the model's data.

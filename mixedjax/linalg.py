@@ -13,6 +13,35 @@ import jax.numpy as jnp
 from jax import Array
 
 
+SCALAR_UNROLL_MAX = 6  # up to this size, factor entry by entry (closed forms on whole batches)
+
+
+def _cholesky_scalar(a: Array, semidefinite: bool) -> Array:
+    """Cholesky–Banachiewicz on individual entries: each operation acts on a whole (...) batch."""
+    k = a.shape[-1]
+    ent = [[None] * k for _ in range(k)]
+    zero = jnp.zeros(a.shape[:-2], dtype=a.dtype)
+    for i in range(k):
+        for j in range(i + 1):
+            s = a[..., i, j]
+            for m in range(j):
+                s = s - ent[i][m] * ent[j][m]
+            if i == j:
+                if semidefinite:
+                    ok = s > 0
+                    ent[i][i] = jnp.where(ok, jnp.sqrt(jnp.where(ok, s, 1.0)), 0.0)
+                else:
+                    ent[i][i] = jnp.sqrt(s)
+            else:
+                if semidefinite:
+                    djj = ent[j][j]
+                    ent[i][j] = jnp.where(djj > 0, s / jnp.where(djj > 0, djj, 1.0), 0.0)
+                else:
+                    ent[i][j] = s / ent[j][j]
+    rows = [jnp.stack([ent[i][j] if j <= i else zero for j in range(k)], axis=-1) for i in range(k)]
+    return jnp.stack(rows, axis=-2)
+
+
 def cholesky(a: Array, semidefinite: bool = False) -> Array:
     """Lower Cholesky factor of symmetric positive definite ``a`` (..., k, k).
 
@@ -31,6 +60,8 @@ def cholesky(a: Array, semidefinite: bool = False) -> Array:
     [[2.0, 0.0], [1.0, 2.0]]
     """
     k = a.shape[-1]
+    if k <= SCALAR_UNROLL_MAX:
+        return _cholesky_scalar(a, semidefinite)
     rows = jnp.arange(k)
     factor = jnp.zeros_like(a)
     for j in range(k):
@@ -55,6 +86,15 @@ def solve_lower(l: Array, b: Array) -> Array:
     vec = b.ndim == l.ndim - 1
     rhs = b[..., None] if vec else b
     k = l.shape[-1]
+    if k <= SCALAR_UNROLL_MAX:
+        xs = []
+        for i in range(k):
+            s = rhs[..., i, :]
+            for j in range(i):
+                s = s - l[..., i, j, None] * xs[j]
+            xs.append(s / l[..., i, i, None])
+        x = jnp.stack(xs, axis=-2)
+        return x[..., 0] if vec else x
     x = jnp.zeros_like(rhs)
     for i in range(k):
         s = rhs[..., i, :] - jnp.einsum("...k,...km->...m", l[..., i, :], x)
@@ -67,6 +107,15 @@ def solve_upper_t(l: Array, b: Array) -> Array:
     vec = b.ndim == l.ndim - 1
     rhs = b[..., None] if vec else b
     k = l.shape[-1]
+    if k <= SCALAR_UNROLL_MAX:
+        xs = [None] * k
+        for i in reversed(range(k)):
+            s = rhs[..., i, :]
+            for j in range(i + 1, k):
+                s = s - l[..., j, i, None] * xs[j]
+            xs[i] = s / l[..., i, i, None]
+        x = jnp.stack(xs, axis=-2)
+        return x[..., 0] if vec else x
     x = jnp.zeros_like(rhs)
     for i in reversed(range(k)):
         s = rhs[..., i, :] - jnp.einsum("...k,...km->...m", l[..., :, i], x)

@@ -127,7 +127,7 @@ def minimize(
     gtol: float = 1e-6,
     polish_gtol: float = 1e-11,
     max_polish: int = 10,
-    ls_steps: int = 30,
+    ls_steps: int = 40,
 ) -> Solution:
     """Minimise ``fun`` from ``x0``.
 
@@ -204,16 +204,21 @@ def minimize(
         acc_phase = jnp.where(conv | stalled, _POLISH, jnp.where(it >= maxiter, _DONE, _BFGS))
         acc_code = jnp.where(conv | (it < maxiter), -1, Result.MAX_ITER)
         ls_exhausted = s.t < 0.5**ls_steps
+        # minimiser of the quadratic through f(x), f'(x; d) and f(x + t d), kept in [0.1 t, 0.5 t] (N&W eq. 3.57)
+        curv = ft - s.f - slope * s.t
+        quad = -slope * s.t**2 / (2.0 * jnp.where(curv > 0, curv, 1.0))
+        backtrack = jnp.where(finite & (curv > 0), jnp.clip(quad, 0.1 * s.t, 0.5 * s.t), 0.1 * s.t)
         small = _gnorm(s.g) <= jnp.sqrt(gtol)
         bfgs_next = lax.cond(
             armijo,
             lambda: s._replace(x=xt, f=ft, g=gt, hinv=hn, d=dn, t=jnp.asarray(1.0, dtype), first=jnp.array(False),
                                n_iter=it, phase=acc_phase.astype(i32), code=acc_code.astype(i32)),
             lambda: s._replace(
-                t=0.5 * s.t,
-                # objective at its noise floor: polish on the gradient, else give up
-                phase=jnp.where(ls_exhausted, jnp.where(small, _POLISH, _DONE), _BFGS).astype(i32),
-                d=jnp.where(ls_exhausted, _direction(s.hinv, s.g), s.d),
+                t=jnp.where(small, 1.0, backtrack).astype(dtype),
+                # with a small gradient a failed decrease is the objective's rounding noise: polish on the
+                # gradient instead of halving the step; otherwise backtrack, and give up when exhausted
+                phase=jnp.where(small, _POLISH, jnp.where(ls_exhausted, _DONE, _BFGS)).astype(i32),
+                d=jnp.where(small, _direction(s.hinv, s.g), s.d),
                 code=jnp.where(ls_exhausted & ~small, Result.LINE_SEARCH_FAILED, s.code).astype(i32),
             ),
         )
