@@ -16,14 +16,19 @@ if os.environ.get("MIXEDJAX_ENABLE_X64", "1") != "0":
     jax.config.update("jax_enable_x64", True)
 
 from . import datasets  # noqa: E402
+from .lmer import lmer  # noqa: E402
 from .model import MixedLM, fit_theta, mixedlm  # noqa: E402
 from .optimize import Result, Solution, minimize  # noqa: E402
-from .results import ConvergenceWarning, MixedLMResults, OptimSummary  # noqa: E402
+from .residuals import AR1, VarIdent  # noqa: E402
+from .results import ConvergenceWarning, LmerResults, MixedLMResults, OptimSummary  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AR1",
+    "VarIdent",
     "ConvergenceWarning",
+    "LmerResults",
     "MixedLM",
     "MixedLMResults",
     "OptimSummary",
@@ -31,6 +36,7 @@ __all__ = [
     "Solution",
     "datasets",
     "fit_theta",
+    "lmer",
     "minimize",
     "mixedlm",
 ]

@@ -99,6 +99,24 @@ def profile_lam(lam: Array, cp: CrossProducts, reml: bool | Array) -> Profiled:
     return Profiled(deviance, beta, sigma2, r2, chol_a, ne, gs)
 
 
+def profile_normal(ne: Normal, nobs: Array, reml: bool | Array) -> Profiled:
+    """Profile β and σ² out of summed GLS pieces (any random-effects layout; ``groups`` is None).
+
+    The same formulas as :func:`profile_lam`, for likelihoods that form ``Normal``
+    another way (crossed random effects, :mod:`mixedjax.crossed`).
+    """
+    p = ne.a.shape[0]
+    chol_a = cholesky(ne.a)
+    u = solve_lower(chol_a, ne.b)
+    beta = solve_upper_t(chol_a, u)
+    r2 = ne.yy - jnp.dot(u, u)
+    is_reml = jnp.asarray(reml, dtype=r2.dtype)
+    df = nobs - p * is_reml
+    sigma2 = r2 / df
+    deviance = ne.logdet_v + df * (1.0 + LOG_2PI + jnp.log(sigma2)) + is_reml * logdet_from_cholesky(chol_a)
+    return Profiled(deviance, beta, sigma2, r2, chol_a, ne, None)
+
+
 def profile(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool | Array) -> Profiled:
     """:func:`profile_lam` at ``theta``."""
     return profile_lam(lam_from_theta(theta, structure), cp, reml)

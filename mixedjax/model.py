@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import formula as fml
+from . import residuals
 from .covariance import CovStructure, normalize_theta, profile_to_theta, unpack_params
 from .data import CrossProducts, GroupedData, bucket, cross_products_jit, group_index, pad_groups
 from .likelihood import em_step, loglike_packed, profile
@@ -116,6 +117,7 @@ class MixedLM:
         exog_vc: Mapping[str, Mapping[Any, Any]] | None = None,
         weights: Any = None,
         missing: str = "raise",
+        residual: Any = None,
         *,
         _vc_designs: list[fml.VCDesign] | None = None,
         _names: dict | None = None,
@@ -149,6 +151,7 @@ class MixedLM:
         w = np.ones(nobs) if weights is None else np.asarray(weights, dtype=float).reshape(-1)
         if w.shape[0] != nobs:
             raise ValueError(f"weights has length {w.shape[0]}; the data have {nobs} rows")
+        bound = residual if isinstance(residual, residuals.BoundResidual) else residuals.bind(residual, None, nobs)
 
         # non-finite values (the array path; the formula path checked and named columns already)
         bad = ~np.isfinite(y) | ~np.all(np.isfinite(x), axis=1) | ~np.all(np.isfinite(z_re), axis=1) \
@@ -160,6 +163,9 @@ class MixedLM:
             keep = ~bad
             y, x, z_re, w = y[keep], x[keep], z_re[keep], w[keep]
             groups_arr = groups_arr[keep].reset_index(drop=True)
+            if bound is not None:
+                bound = bound._replace(strata=None if bound.strata is None else bound.strata[keep],
+                                       time=None if bound.time is None else bound.time[keep])
             if _vc_designs:
                 raise ValueError("cannot drop rows after variance components were built")
             nobs = y.shape[0]
@@ -182,6 +188,9 @@ class MixedLM:
                              "variance")
 
         gi = group_index(groups_arr)
+        if bound is not None and bound.spec.ar1:  # AR(1): rows of a group in time order
+            gi = gi._replace(position=residuals.time_positions(gi.codes, bound.time))
+        self.residual = bound
         self._gi = gi
         self.group_labels = gi.labels
         self.n_groups = len(gi.labels)
@@ -222,6 +231,11 @@ class MixedLM:
         g_pad, n_pad = bucket(self.n_groups), bucket(gi.n_max)
         self._padded: GroupedData = pad_groups(gi, y, x, z, w, g_pad, n_pad)
         self._cp: CrossProducts = cross_products_jit(self._padded)
+        if bound is not None:
+            strata = np.zeros((g_pad, n_pad), dtype=np.int64)
+            if bound.strata is not None:
+                strata[gi.codes, gi.position] = bound.strata
+            self._strata = jnp.asarray(strata)
         zmask = np.zeros((g_pad, self.structure.q))
         zmask[: self.n_groups, : self.k_re] = 1.0
         off = self.k_re
@@ -236,6 +250,13 @@ class MixedLM:
         self.formula: str | None = names.get("formula")
         self.data: pd.DataFrame | None = None
         self.designs: dict | None = None
+
+    def _cp_at(self, rho: Any) -> CrossProducts:
+        """Cross-products whitened by the residual structure at its unconstrained parameters ``rho``."""
+        if self.residual is None:
+            return self._cp
+        return residuals.whitened_cross_products_jit(self._padded, self._strata, jnp.asarray(rho, dtype=float),
+                                                     self.residual.spec)
 
     # ------------------------------------------------------------------ names
     @property
@@ -316,6 +337,7 @@ class MixedLM:
         """
         from .results import MixedLMResults
 
+        results_class = getattr(self, "_results_class", None) or MixedLMResults
         self.reml = bool(reml)
         if start_params is None:
             theta0 = self.structure.theta_start()
@@ -323,11 +345,21 @@ class MixedLM:
             sp = getattr(start_params, "params", start_params)
             _, cov, vc = unpack_params(np.asarray(sp, dtype=float), self.k_fe, self.structure)
             theta0 = profile_to_theta(cov, vc, self.structure)
-        sol = fit_theta(jnp.asarray(theta0, dtype=self._cp.xtx.dtype), self._cp, self._zmask, self.structure,
-                        reml=self.reml, maxiter=int(maxiter), gtol=float(gtol), em_iter=int(em_iter))
+        if self.residual is None:
+            sol = fit_theta(jnp.asarray(theta0, dtype=self._cp.xtx.dtype), self._cp, self._zmask, self.structure,
+                            reml=self.reml, maxiter=int(maxiter), gtol=float(gtol), em_iter=int(em_iter))
+        else:
+            rho0 = getattr(start_params, "residual_params", None)
+            rho0 = residuals.residual_start(self.residual.spec) if rho0 is None else np.asarray(rho0, float)
+            sol = residuals.fit_theta_structured(
+                jnp.asarray(np.concatenate([theta0, rho0]), dtype=self._cp.xtx.dtype), self._padded, self._strata,
+                self._zmask, self.structure, self.residual.spec, reml=self.reml, maxiter=int(maxiter),
+                gtol=float(gtol), em_iter=int(em_iter))
         sol = jax.device_get(sol)
-        theta = normalize_theta(np.asarray(sol.x), self.structure)
-        return MixedLMResults(self, theta, sol, self.reml)
+        x = np.asarray(sol.x)
+        n_re = self.structure.n_theta
+        theta = np.concatenate([normalize_theta(x[:n_re], self.structure), x[n_re:]])
+        return results_class(self, theta, sol, self.reml)
 
     def fit_many(self, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
                  em_iter: int = 50) -> Any:
@@ -376,6 +408,7 @@ def mixedlm(
     vc_formula: Mapping[str, str] | None = None,
     weights: Any = None,
     missing: str = "raise",
+    residual: Any = None,
 ) -> MixedLM:
     """Build a :class:`MixedLM` from a formula, as ``statsmodels.formula.api.mixedlm``.
 
@@ -401,6 +434,10 @@ def mixedlm(
     missing : {"raise", "drop"}
         NaN/inf in a used column raise a ``ValueError`` naming it, or drop the
         rows (with a warning giving the count).
+    residual : VarIdent, AR1 or list of both, optional
+        Structured residuals, as nlme: ``mixedjax.VarIdent("Sex")`` (a residual
+        variance per level) and/or ``mixedjax.AR1(time="age")`` (AR(1) within each
+        group, rows in ``time`` order).  Default: iid residuals.
 
     Examples
     --------
@@ -428,6 +465,12 @@ def mixedlm(
         "0", "1", "-1") else []
     for name, f in (vc_formula or {}).items():
         used += fml.required_columns("~" + fml._as_rhs(f), data, f"vc_formula[{name!r}]")
+    for r in (residual if isinstance(residual, list | tuple) else [residual]):
+        col = getattr(r, "by", getattr(r, "time", None))
+        if isinstance(col, str):
+            if col not in data.columns:
+                raise ValueError(f"residual structure column {col!r} is not in the data")
+            used.append(col)
 
     frame = data
     extra = {}
@@ -485,6 +528,7 @@ def mixedlm(
     model = MixedLM(
         frame[yname].to_numpy(dtype=float), x.to_numpy(), gvec.reset_index(drop=True),
         exog_re=z_re if z_re.shape[1] else np.zeros((len(frame), 0)), weights=w, missing="raise",
+        residual=residuals.bind(residual, frame, len(frame)),
         _vc_designs=vcs,
         _names={"endog_names": yname, "exog_names": list(x.columns), "exog_re_names": re_names,
                 "formula": formula},

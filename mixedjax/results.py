@@ -16,6 +16,7 @@ from .covariance import pack_params, theta_to_profile
 from .inference import InferenceMixin
 from .likelihood import blups, loglike_natural, profile
 from .optimize import Result
+from .residuals import describe as _residual_describe
 
 if TYPE_CHECKING:
     from .model import MixedLM
@@ -132,8 +133,14 @@ class MixedLMResults(InferenceMixin):
         self.reml = reml
         self.method = "REML" if reml else "ML"
         st = model.structure
-        self.theta = np.asarray(theta, dtype=float)
-        pr = jax.device_get(_profile_jit(jnp.asarray(self.theta), model._cp, st, reml))
+        theta = np.asarray(theta, dtype=float)
+        # structured residuals (mixedjax.residuals): their parameters follow the random-effects θ
+        bound = getattr(model, "residual", None)
+        self.residual_params = theta[st.n_theta :]
+        self.theta = theta[: st.n_theta]
+        self._cp = model._cp if bound is None else model._cp_at(self.residual_params)
+        self.residual_structure = {} if bound is None else _residual_describe(bound, self.residual_params)
+        pr = jax.device_get(_profile_jit(jnp.asarray(self.theta), self._cp, st, reml))
         self._profiled = pr
         self.scale = float(pr.sigma2)
         self.llf = float(-0.5 * pr.deviance)
@@ -149,13 +156,13 @@ class MixedLMResults(InferenceMixin):
                                 index=model.param_names)
         a = np.asarray(pr.normal.a, dtype=float)
         self._cov_fe = self.scale * np.linalg.inv(a)
-        self.df_modelwc = self.k_fe + st.n_cov_params + 1
+        self.df_modelwc = self.k_fe + st.n_cov_params + 1 + len(self.residual_params)
         self.aic = -2.0 * self.llf + 2.0 * self.df_modelwc
         self.bic = -2.0 * self.llf + np.log(self.nobs) * self.df_modelwc
 
         result = Result(int(sol.result))
         self.optim = OptimSummary(
-            theta_start=np.asarray(sol.x_start), theta=self.theta, deviance_start=float(sol.value_start),
+            theta_start=np.asarray(sol.x_start), theta=theta, deviance_start=float(sol.value_start),
             deviance=float(sol.value), iterations=int(sol.iterations), em_iterations=int(sol.warm_iterations),
             polish_iterations=int(sol.polish_iterations), evaluations=int(sol.evaluations),
             grad_norm=float(sol.grad_norm), converged=bool(result <= Result.NO_PROGRESS), result=result,
@@ -189,7 +196,7 @@ class MixedLMResults(InferenceMixin):
         st = self.model.structure
         r, c = st.re_tril
         v = np.concatenate([self.cov_re.to_numpy()[r, c], self.vcomp, [self.scale]])
-        h = np.asarray(_info_jit(jnp.asarray(v), jnp.asarray(self.fe_params.to_numpy()), self.model._cp, st,
+        h = np.asarray(_info_jit(jnp.asarray(v), jnp.asarray(self.fe_params.to_numpy()), self._cp, st,
                                  self.reml))
         k = st.n_cov_params
         if not np.all(np.isfinite(h)):
@@ -246,7 +253,7 @@ class MixedLMResults(InferenceMixin):
     # ------------------------------------------------------ random effects
     @functools.cached_property
     def _blups(self) -> tuple[np.ndarray, np.ndarray]:
-        b = jax.device_get(_blups_jit(jnp.asarray(self.theta), self.model._cp, self.model.structure, self.reml))
+        b = jax.device_get(_blups_jit(jnp.asarray(self.theta), self._cp, self.model.structure, self.reml))
         return np.asarray(b.b), np.asarray(b.cov)
 
     def _re_names(self, g: int) -> tuple[list[str], np.ndarray]:
@@ -316,8 +323,12 @@ class MixedLMResults(InferenceMixin):
         rows.append(("Residual", None, None, self.scale, np.sqrt(self.scale)))
         return pd.DataFrame(rows, columns=["group", "var1", "var2", "vcov", "sdcor"])
 
-    def summary(self, alpha: float = 0.05) -> Summary:
-        """Summary in statsmodels' MixedLM layout (fixed effects, then ``Group Var`` rows)."""
+    def summary(self, alpha: float = 0.05, ddf: str | None = None) -> Summary:
+        """Summary in statsmodels' MixedLM layout (fixed effects, then ``Group Var`` rows).
+
+        ``ddf="satterthwaite"`` or ``"kenward-roger"``: t tests of the fixed effects with
+        lmerTest's denominator df (a ``df`` column; see :meth:`fe_table`).
+        """
         m = self.model
         sizes = m.group_sizes
         info = [
@@ -347,10 +358,23 @@ class MixedLMResults(InferenceMixin):
         tab[self.k_fe :, 0] = np.concatenate([self.cov_re.to_numpy()[r, c], self.vcomp])
         tab[self.k_fe :, 1] = self.bse_re.to_numpy()
         cols = ["Coef.", "Std.Err.", "z", "P>|z|", f"[{alpha / 2:g}", f"{1 - alpha / 2:g}]"]
+        if ddf is not None:  # small-sample t tests (inference.py)
+            small = self.fe_table(ddf, alpha).to_numpy()
+            tab[: self.k_fe, 1:6] = small[:, [1, 3, 4, 5, 6]]
+            cols[2:4] = ["t", "P>|t|"]
         df = pd.DataFrame(tab, index=self.params.index, columns=cols)
+        if ddf is not None:
+            df.insert(2, "df", np.concatenate([small[:, 2], np.full(len(self.params) - self.k_fe, np.nan)]))
+            cols.insert(2, "df")
         for col in cols:
             df[col] = [f"{v:.3f}" if np.isfinite(v) else "" for v in df[col]]
         notes = []
+        for key, val in self.residual_structure.items():
+            if key == "sd_ratio":
+                notes.append("Residual sd ratio (VarIdent): "
+                             + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            elif key == "phi":
+                notes.append(f"Residual AR(1) correlation Phi: {val:.4f}")
         if self.singular:
             notes.append("The fit is singular (boundary estimate); see result.optim.")
         if not self.converged:
@@ -359,3 +383,93 @@ class MixedLMResults(InferenceMixin):
 
     def __repr__(self) -> str:
         return f"<MixedLMResults {self.method} llf={self.llf:.4f} converged={self.converged}>"
+
+
+class LmerResults(MixedLMResults):
+    """Results of :func:`mixedjax.lmer`: lme4's layout over every random-effects term.
+
+    ``varcorr()`` has one row per variance and covariance of each term (lme4's
+    ``as.data.frame(VarCorr())``), ``random_effects`` is ``{grouping factor:
+    DataFrame(levels x columns)}`` (lme4's ``ranef``), ``cov_terms`` is ``{term label:
+    covariance DataFrame}``, and ``summary()`` prints one block per term.  ``cov_re``
+    and ``vcomp`` keep statsmodels' meaning: the correlated block of the outer
+    grouping factor, and the variance of every other term (``model.structure.vc_names``).
+    """
+
+    def _term_covs(self) -> list[tuple[Any, np.ndarray]]:
+        _, corr, vc_terms = self.model._lmer_plan
+        out = {}
+        if corr is not None:
+            out[id(corr)] = self.cov_re.to_numpy()
+        for t, v in zip(vc_terms, self.vcomp, strict=True):
+            out[id(t)] = np.array([[v]])
+        return [(t, out[id(t)]) for t in self.model.lmer_terms]
+
+    def _term_blups(self) -> list[tuple[Any, pd.DataFrame]]:
+        outer, corr, vc_terms = self.model._lmer_plan
+        b, _ = self._blups
+        g = len(self.model.group_labels)
+        labels = [str(v) for v in outer.levels]
+        out = {}
+        if corr is not None:
+            out[id(corr)] = pd.DataFrame(b[:g, : corr.q], index=labels, columns=corr.names)
+        off = self.k_re
+        for t, v in zip(vc_terms, self.model._vcs, strict=True):
+            if t.factor == outer.factor:
+                out[id(t)] = pd.DataFrame({t.names[0]: b[:g, off]}, index=labels)
+            else:
+                vals = {}
+                for gi, names in enumerate(v.names):
+                    for j, nm in enumerate(names):
+                        vals[nm] = b[gi, off + j]
+                idx = [str(lv) for lv in t.levels]
+                out[id(t)] = pd.DataFrame({t.names[0]: [vals.get(i, np.nan) for i in idx]}, index=idx)
+            off += v.size
+        return [(t, out[id(t)]) for t in self.model.lmer_terms]
+
+    @property
+    def cov_terms(self) -> dict[str, pd.DataFrame]:
+        """Covariance matrix of each term's random effects (natural scale), by term label."""
+        return {t.label: pd.DataFrame(c, index=t.names, columns=t.names) for t, c in self._term_covs()}
+
+    @property
+    def random_effects(self) -> dict[str, pd.DataFrame]:
+        """Conditional modes (BLUPs) per grouping factor: ``{factor: DataFrame(levels x columns)}`` (lme4's ranef)."""
+        out: dict[str, pd.DataFrame] = {}
+        for t, df in self._term_blups():
+            out[t.factor] = df if t.factor not in out else out[t.factor].join(df, how="outer")
+        return out
+
+    def varcorr(self) -> pd.DataFrame:
+        """lme4's ``as.data.frame(VarCorr(fit))``: per term its variances, then covariances; the residual last."""
+        rows = []
+        for t, cov in self._term_covs():
+            sd = np.sqrt(np.clip(np.diag(cov), 0, None))
+            for i, n in enumerate(t.names):
+                rows.append((t.label, n, None, cov[i, i], sd[i]))
+            for j in range(len(t.names)):
+                for i in range(j + 1, len(t.names)):
+                    corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else np.nan
+                    rows.append((t.label, t.names[j], t.names[i], cov[i, j], corr))
+        rows.append(("Residual", None, None, self.scale, np.sqrt(self.scale)))
+        return pd.DataFrame(rows, columns=["group", "var1", "var2", "vcov", "sdcor"])
+
+    def _terms_text(self) -> str:
+        lines = ["Random effects (one block per term):"]
+        for t, cov in self._term_covs():
+            n_lev = t.n_levels
+            lines.append(f"  {t.label}  {t.source}  ({n_lev} levels)")
+            sd = np.sqrt(np.clip(np.diag(cov), 0, None))
+            lines.append(f"    {'':<20}{'Variance':>12}{'Std.Dev.':>12}  Corr")
+            for i, n in enumerate(t.names):
+                corr = " ".join(f"{cov[i, j] / (sd[i] * sd[j]):6.3f}" if sd[i] * sd[j] > 0 else "   nan"
+                                for j in range(i))
+                lines.append(f"    {n:<20}{cov[i, i]:>12.4f}{sd[i]:>12.4f}  {corr}".rstrip())
+        lines.append(f"  Residual{'':<16}{self.scale:>12.4f}{np.sqrt(self.scale):>12.4f}")
+        return "\n".join(lines)
+
+    def summary(self, alpha: float = 0.05) -> Summary:
+        """statsmodels' layout, then one block per random-effects term (lme4's VarCorr)."""
+        s = super().summary(alpha)
+        s.extra = self._terms_text() + ("\n" + s.extra if s.extra else "")
+        return s

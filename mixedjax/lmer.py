@@ -1,0 +1,355 @@
+"""lme4's formula syntax: ``mixedjax.lmer("y ~ x + (1 + x | g) + (1 | h)", data)``.
+
+Random-effects terms are parsed here (a small parser of top-level ``(expr | group)``
+bars); the fixed part goes to formulaic.  A model whose grouping factors are all
+nested in one of them (one factor, ``(1 | a/b)``, ``(x || g)``) takes the per-group
+path of :class:`mixedjax.MixedLM` (the outer factor is the group, the terms on it
+form the correlated block and variance components, nested factors are variance
+components); any other model (crossed factors) takes the sparse blocked-Cholesky
+path of :mod:`mixedjax.crossed`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import formula as fml
+
+
+@dataclass
+class BarTerm:
+    """One parsed random-effects term ``(expr | group)`` (before expansion of ``/`` and ``||``)."""
+
+    text: str
+    expr: str
+    group: str
+    double: bool
+
+
+@dataclass
+class RETerm:
+    """One random-effects term after expansion: a grouping factor and its model-matrix columns.
+
+    ``codes (nobs,)`` level index of each row, ``levels`` the level labels,
+    ``z (nobs, q)`` the term's columns, ``names`` their lme4 names, ``label`` the
+    name of the term in ``varcorr()`` (the factor, with ``.1``, ``.2`` for repeats).
+    """
+
+    factor: str
+    codes: np.ndarray
+    levels: list
+    z: np.ndarray
+    names: list[str]
+    source: str
+    label: str = ""
+
+    @property
+    def q(self) -> int:
+        return self.z.shape[1]
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+
+def split_formula(formula: str) -> tuple[str, str, list[BarTerm]]:
+    """``(response, fixed right-hand side, bar terms)`` of an lme4 formula.
+
+    Examples
+    --------
+    >>> y, fixed, bars = split_formula("y ~ x + (1 + x | g) + (1 | a/b)")
+    >>> y, fixed, [(b.expr, b.group, b.double) for b in bars]
+    ('y', 'x', [('1 + x', 'g', False), ('1', 'a/b', False)])
+    """
+    if "~" not in formula:
+        raise ValueError(f"formula {formula!r} has no '~': write it as 'response ~ terms + (expr | group)'")
+    lhs, rhs = formula.split("~", 1)
+    depth, start, pieces, bars = 0, None, [], []
+    last = 0
+    for i, ch in enumerate(rhs):
+        if ch == "(":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ')' in formula {formula!r} at {rhs[: i + 1].strip()!r}")
+            if depth == 0:
+                inner = rhs[start + 1 : i]
+                if _top_level_bar(inner):
+                    pieces.append(rhs[last:start])
+                    last = i + 1
+                    bars.append(_parse_bar(inner, rhs[start : i + 1].strip()))
+    if depth:
+        raise ValueError(f"unbalanced '(' in formula {formula!r}: {rhs[start:].strip()!r} is not closed")
+    pieces.append(rhs[last:])
+    fixed = " ".join(pieces)
+    # drop the '+' left around removed terms
+    fixed = re.sub(r"\+\s*(\+\s*)+", "+ ", fixed)
+    fixed = re.sub(r"^\s*\+|\+\s*$", "", fixed.strip()).strip()
+    if "|" in fixed:
+        raise ValueError(f"formula {formula!r}: a '|' outside parentheses; write random effects as (expr | group)")
+    return lhs.strip(), fixed or "1", bars
+
+
+def _top_level_bar(inner: str) -> bool:
+    depth = 0
+    for ch in inner:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "|" and depth == 0:
+            return True
+    return False
+
+
+def _parse_bar(inner: str, text: str) -> BarTerm:
+    double = "||" in inner
+    parts = inner.split("||") if double else inner.split("|")
+    if len(parts) != 2 or "|" in parts[0] or "|" in parts[1]:
+        raise ValueError(f"random-effects term {text!r}: expected exactly one '|' or '||' as (expr | group)")
+    expr, group = parts[0].strip(), parts[1].strip()
+    if not expr:
+        raise ValueError(f"random-effects term {text!r}: nothing before the bar (write (1 | g) for an intercept)")
+    if not group:
+        raise ValueError(f"random-effects term {text!r}: no grouping factor after the bar")
+    if not re.fullmatch(r"[A-Za-z_.][\w.]*(\s*[:/]\s*[A-Za-z_.][\w.]*)*", group):
+        raise ValueError(f"random-effects term {text!r}: grouping factor {group!r} must be a column, "
+                         "an interaction a:b or a nesting a/b")
+    return BarTerm(text, expr, group, double)
+
+
+def _factor(data: pd.DataFrame, cols: list[str], text: str) -> tuple[str, np.ndarray, list]:
+    """lme4's grouping factor for ``a:b`` (levels ``"a_level:b_level"``, only those present)."""
+    for c in cols:
+        if c not in data.columns:
+            raise ValueError(f"random-effects term {text!r}: grouping column {c!r} is not in the data; "
+                             f"available: {list(data.columns)}")
+        if data[c].isna().any():
+            raise ValueError(f"random-effects term {text!r}: grouping column {c!r} has missing values")
+    name = ":".join(cols)
+    if len(cols) == 1:
+        s = data[cols[0]].reset_index(drop=True)
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            s = s.cat.remove_unused_categories()
+            return name, s.cat.codes.to_numpy().astype(np.int64), list(s.cat.categories)
+        codes, uniq = pd.factorize(s, sort=True)
+        return name, codes.astype(np.int64), list(uniq)
+    key = data[cols[0]].astype(str).str.cat([data[c].astype(str) for c in cols[1:]], sep=":")
+    codes, uniq = pd.factorize(key.reset_index(drop=True), sort=True)
+    return name, codes.astype(np.int64), list(uniq)
+
+
+def expand_terms(bars: list[BarTerm], data: pd.DataFrame) -> list[RETerm]:
+    """Expand ``a/b`` to ``a`` and ``b:a`` (lme4's naming) and ``(x || g)`` to one term per column."""
+    terms: list[RETerm] = []
+    for bar in bars:
+        if "/" in bar.group:
+            parts = [p.strip() for p in bar.group.split("/")]
+            groups = [list(reversed(parts[: k + 1])) for k in range(len(parts))]
+        else:
+            groups = [[p.strip() for p in bar.group.split(":")]]
+        try:
+            zdf = fml.design(bar.expr, data)
+        except Exception as e:  # formulaic's parser errors
+            raise ValueError(f"random-effects term {bar.text!r}: cannot build {bar.expr!r}: {e}") from e
+        if zdf.shape[1] == 0:
+            raise ValueError(f"random-effects term {bar.text!r} has no columns")
+        z = zdf.to_numpy(dtype=float)
+        names = ["(Intercept)" if c == "Intercept" else c for c in zdf.columns]
+        if not np.all(np.isfinite(z)):
+            raise ValueError(f"random-effects term {bar.text!r}: its columns have missing or infinite values")
+        for cols in groups:
+            name, codes, levels = _factor(data, cols, bar.text)
+            blocks = [[j] for j in range(z.shape[1])] if bar.double else [list(range(z.shape[1]))]
+            for js in blocks:
+                terms.append(RETerm(name, codes, levels, z[:, js], [names[j] for j in js], bar.text))
+    # lme4 orders terms by decreasing number of levels (stable), and labels repeats g, g.1, g.2
+    terms.sort(key=lambda t: -t.n_levels)
+    seen: dict[str, int] = {}
+    for t in terms:
+        k = seen.get(t.factor, 0)
+        t.label = t.factor if k == 0 else f"{t.factor}.{k}"
+        seen[t.factor] = k + 1
+    return terms
+
+
+def _nested_in(inner: RETerm, outer: RETerm) -> bool:
+    """Every level of ``inner`` occurs within a single level of ``outer``."""
+    if inner.factor == outer.factor:
+        return True
+    pairs = np.unique(np.stack([inner.codes, outer.codes]), axis=1)
+    return pairs.shape[1] == len(np.unique(inner.codes))
+
+
+def per_group_plan(terms: list[RETerm]) -> tuple[RETerm, RETerm | None, list[RETerm]] | None:
+    """``(outer, correlated term on it or None, variance-component terms)`` if the per-group path fits.
+
+    The outer factor is one every other factor is nested in; on it at most one
+    term with several columns (the correlated block); every other term a single
+    column (one variance component each).  ``None``: use the crossed path.
+    """
+    for outer in sorted(terms, key=lambda t: t.n_levels):
+        if not all(_nested_in(t, outer) for t in terms):
+            continue
+        on_outer = [t for t in terms if t.factor == outer.factor]
+        multi = [t for t in on_outer if t.q > 1]
+        others = [t for t in terms if t not in multi]
+        if len(multi) > 1 or any(t.q > 1 for t in others):
+            return None
+        corr = multi[0] if multi else None
+        if corr is None:  # the first scalar term on the outer factor becomes the random intercept-like block
+            corr = on_outer[0] if on_outer else None
+            others = [t for t in terms if t is not corr]
+        return outer, corr, others
+    return None
+
+
+def _vc_design(term: RETerm, outer: RETerm) -> fml.VCDesign:
+    """A nested (or same-factor) scalar term as a variance component of the outer groups."""
+    n = len(term.codes)
+    ngroups = outer.n_levels
+    if term.factor == outer.factor:
+        return fml.VCDesign(term.label, term.z.copy(), [[term.names[0]] for _ in range(ngroups)])
+    # column of each row within its outer group: rank of its inner level among those of the group
+    pairs = pd.DataFrame({"g": outer.codes, "f": term.codes}).drop_duplicates().sort_values(["g", "f"])
+    pairs["col"] = pairs.groupby("g").cumcount()
+    col = pd.DataFrame({"g": outer.codes, "f": term.codes}).merge(pairs, on=["g", "f"], how="left")["col"]
+    col = col.to_numpy()
+    k = int(col.max()) + 1
+    values = np.zeros((n, k))
+    values[np.arange(n), col] = term.z[:, 0]
+    names: list[list[str]] = [[] for _ in range(ngroups)]
+    for g, f in zip(pairs["g"], pairs["f"], strict=True):
+        names[g].append(str(term.levels[f]))
+    return fml.VCDesign(term.label, values, names)
+
+
+def lmer(
+    formula: str,
+    data: pd.DataFrame,
+    reml: bool = True,
+    weights: Any = None,
+    residual: Any = None,
+    missing: str = "raise",
+    **fit_kwargs: Any,
+) -> Any:
+    """Fit a linear mixed model written in lme4's formula syntax; returns the fitted results.
+
+    Parameters
+    ----------
+    formula : str
+        ``response ~ fixed + (expr | group) + ...``.  Random-effects terms:
+        ``(1 + x | g)`` correlated intercept and slope, ``(1 + x || g)`` uncorrelated
+        (one term per column), ``(0 + x | g)`` slope only, ``(1 | a/b)`` nested
+        (``(1 | a) + (1 | a:b)``, named ``b:a`` as lme4 does), ``(1 | a:b)`` the
+        interaction factor, and any number of terms.  Crossed factors are fitted
+        with lme4's penalised least squares (sparse blocked Cholesky,
+        :mod:`mixedjax.crossed`).
+    data : pandas.DataFrame
+    reml : bool
+        REML (default) or ML.
+    weights : str or array_like, optional
+        Prior weights, as lme4: row i has residual variance ``scale / w_i``.
+    residual : VarIdent, AR1 or list, optional
+        Structured residuals (models with one grouping factor, or nested ones).
+    missing : {"raise", "drop"}
+    **fit_kwargs
+        Passed to the fit (``maxiter``, ``gtol``, ``em_iter``, ``start_params``).
+
+    Returns
+    -------
+    LmerResults
+        A :class:`mixedjax.MixedLMResults` whose ``varcorr()`` lists every term
+        (lme4's ``VarCorr`` layout, one row per parameter), ``random_effects`` is
+        ``{grouping factor: DataFrame(levels x columns)}`` (lme4's ``ranef``),
+        ``cov_terms`` is ``{term label: covariance DataFrame}`` and ``summary()``
+        has one block per term.  ``cov_re`` and ``vcomp`` keep statsmodels'
+        meaning on the per-group path (the outer factor's correlated block, and
+        every other term's variance, in ``model.structure.vc_names`` order); on the
+        crossed path ``cov_re`` is the covariance of the first term (the factor
+        with most levels) and ``vcomp`` the variances of the diagonal of every other
+        term, in ``varcorr()`` order.
+
+    Examples
+    --------
+    >>> import mixedjax
+    >>> d = mixedjax.datasets.load("penicillin")
+    >>> r = mixedjax.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", d)
+    >>> round(r.llf, 4)
+    -165.4303
+    >>> list(r.varcorr().group)
+    ['plate', 'sample', 'Residual']
+    """
+    from .model import MixedLM
+    from .residuals import bind
+
+    if not isinstance(data, pd.DataFrame):
+        raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    yname, fixed, bars = split_formula(formula)
+    if not bars:
+        raise ValueError(f"formula {formula!r} has no random-effects term (expr | group)")
+    if yname not in data.columns:
+        raise ValueError(f"response column {yname!r} is not in the data; available: {list(data.columns)}")
+    used = [yname] + fml.required_columns("~" + fixed, data, "formula")
+    for b in bars:
+        used += fml.required_columns("~" + b.expr, data, f"random-effects term {b.text!r}") if b.expr not in (
+            "1", "0", "-1") else []
+        used += [c.strip() for c in re.split(r"[:/]", b.group) if c.strip() in data.columns]
+    frame = data
+    if weights is not None and not isinstance(weights, str):
+        wv = np.asarray(weights, dtype=float).reshape(-1)
+        if len(wv) != len(data):
+            raise ValueError(f"weights has length {len(wv)}; the data have {len(data)} rows")
+        frame = data.assign(__weights__=wv)
+        weights = "__weights__"
+    if weights is not None:
+        if weights not in frame.columns:
+            raise ValueError(f"weights column {weights!r} is not in the data")
+        used.append(weights)
+    for r in residual if isinstance(residual, list | tuple) else [residual]:
+        col = getattr(r, "by", getattr(r, "time", None))
+        if isinstance(col, str):
+            used.append(col)
+    frame, _ = fml.check_finite(frame, [c for c in dict.fromkeys(used) if c in frame.columns], missing)
+    frame = frame.reset_index(drop=True)
+    x = fml.design(fixed, frame)
+    if x.shape[1] == 0:
+        raise ValueError(f"formula {formula!r} has no fixed effects; mixedjax needs at least one")
+    terms = expand_terms(bars, frame)
+    y = frame[yname].to_numpy(dtype=float)
+    w = None if weights is None else frame[weights].to_numpy(dtype=float)
+
+    plan = per_group_plan(terms)
+    if plan is None:
+        if residual is not None:
+            raise NotImplementedError("structured residuals need one grouping factor (or nested ones); this "
+                                      "model has crossed factors")
+        from .crossed import CrossedLM
+
+        model = CrossedLM(y, x.to_numpy(), terms, weights=w, exog_names=list(x.columns), endog_name=yname)
+        model.formula, model.data, model.designs = formula, frame, {"fe": x}
+        return model.fit(reml=reml, **fit_kwargs)
+
+    outer, corr, vc_terms = plan
+    groups = pd.Series(pd.Categorical.from_codes(outer.codes, categories=[str(v) for v in outer.levels]))
+    z_re = corr.z if corr is not None else np.zeros((len(frame), 0))
+    re_names = list(corr.names) if corr is not None else []
+    vcs = [_vc_design(t, outer) for t in vc_terms]
+    model = MixedLM(y, x.to_numpy(), groups, exog_re=z_re, weights=w, missing="raise",
+                    residual=bind(residual, frame, len(frame)), _vc_designs=vcs,
+                    _names={"endog_names": yname, "exog_names": list(x.columns), "exog_re_names": re_names,
+                            "formula": formula})
+    model.data, model.designs = frame, {"fe": x}
+    model.group_name = outer.factor
+    model.lmer_terms = terms
+    model._lmer_plan = (outer, corr, vc_terms)
+    from .results import LmerResults
+
+    model._results_class = LmerResults
+    return model.fit(reml=reml, **fit_kwargs)
