@@ -16,6 +16,7 @@ if os.environ.get("MIXEDJAX_ENABLE_X64", "1") != "0":
     jax.config.update("jax_enable_x64", True)
 
 from . import datasets  # noqa: E402
+from .batch import BatchResults, fit_batch  # noqa: E402
 from .lmer import lmer  # noqa: E402
 from .model import MixedLM, fit_theta, mixedlm  # noqa: E402
 from .optimize import Result, Solution, minimize  # noqa: E402
@@ -25,6 +26,8 @@ from .results import ConvergenceWarning, LmerResults, MixedLMResults, OptimSumma
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchResults",
+    "fit_batch",
     "AR1",
     "VarIdent",
     "ConvergenceWarning",

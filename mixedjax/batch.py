@@ -8,12 +8,14 @@ formed inside the vmapped program.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .covariance import CovStructure, normalize_theta, theta_to_profile
 from .data import GroupedData, cross_products
@@ -38,17 +40,73 @@ class _BatchOut(NamedTuple):
     nobs: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "maxiter", "gtol", "em_iter"))
-def _fit_many(ys, masks, base: GroupedData, zmask, theta0, structure: CovStructure, reml, maxiter, gtol, em_iter):
-    def one(y, mask):
-        data = base._replace(y=jnp.where(mask > 0, y, 0.0), mask=mask)
-        cp = cross_products(data)
-        sol = fit_theta(theta0, cp, zmask, structure, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter)
-        pr = profile(sol.x, cp, structure, reml)
-        return _BatchOut(sol.x, pr.deviance, pr.beta, pr.sigma2, pr.normal.a, sol.grad_norm, sol.iterations,
-                         sol.result, cp.nobs)
+def _fit_one(y, mask, x, z, w, zmask, theta0, structure, reml, maxiter, gtol, em_iter) -> _BatchOut:
+    data = GroupedData(jnp.where(mask > 0, y, 0.0), x, z, w, mask)
+    cp = cross_products(data)
+    sol = fit_theta(theta0, cp, zmask, structure, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter)
+    pr = profile(sol.x, cp, structure, reml)
+    return _BatchOut(sol.x, pr.deviance, pr.beta, pr.sigma2, pr.normal.a, sol.grad_norm, sol.iterations,
+                     sol.result, cp.nobs)
 
-    return jax.vmap(one)(ys, masks)
+
+@functools.partial(jax.jit, static_argnames=("structure", "maxiter", "gtol", "em_iter", "shared_design"))
+def _fit_vmapped(ys, masks, xs, zs, ws, zmasks, theta0, structure: CovStructure, reml, maxiter, gtol, em_iter,
+                 shared_design: bool):
+    """vmap of one fit over the model axis; the design (x, z, w, zmask) is shared or per model."""
+    d_ax = None if shared_design else 0
+    return jax.vmap(_fit_one, in_axes=(0, 0, d_ax, d_ax, d_ax, d_ax, None, None, None, None, None, None))(
+        ys, masks, xs, zs, ws, zmasks, theta0, structure, reml, maxiter, gtol, em_iter)
+
+
+def _model_mesh() -> Mesh | None:
+    """A 1-D mesh over every device (``models`` axis), or None on a single device."""
+    devices = jax.devices()
+    return Mesh(np.array(devices), ("models",)) if len(devices) > 1 else None
+
+
+def run_chunked(
+    batched: tuple[np.ndarray, ...],
+    shared: tuple[Any, ...],
+    call: Any,
+    batch_size: int | None,
+    progress: bool | None,
+    shard: bool = True,
+) -> tuple[Any, int]:
+    """Run ``call(*batched_chunk, *shared)`` over the model axis in chunks of ``batch_size``.
+
+    Every chunk is padded to the same size (repeating its last model), so one
+    compiled program serves them all; with several devices each chunk is
+    sharded over a ``models`` mesh axis (``NamedSharding``) and the shared
+    arrays are replicated.  Returns the concatenated outputs (padding dropped) and
+    the number of devices used.
+    """
+    m_count = batched[0].shape[0]
+    mesh = _model_mesh() if shard else None
+    n_dev = 1 if mesh is None else mesh.devices.size
+    size = m_count if batch_size is None else max(1, min(int(batch_size), m_count))
+    size = -(-size // n_dev) * n_dev
+    starts = list(range(0, m_count, size))
+    show = progress if progress is not None else (len(starts) > 1 and sys.stderr.isatty())
+    if show:
+        from tqdm.auto import tqdm
+
+        starts_iter = tqdm(starts, desc="fitting models", unit="chunk")
+    else:
+        starts_iter = starts
+    if mesh is not None:
+        split = NamedSharding(mesh, PartitionSpec("models"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        shared = tuple(jax.device_put(a, replicated) if isinstance(a, jax.Array | np.ndarray) else a
+                       for a in shared)
+    outs = []
+    for start in starts_iter:
+        stop = min(start + size, m_count)
+        idx = np.minimum(np.arange(start, start + size), stop - 1)  # pad by repeating the last model
+        chunk = tuple(a[idx] for a in batched)
+        chunk = tuple(jax.device_put(a, split) for a in chunk) if mesh is not None else tuple(map(jnp.asarray, chunk))
+        out = jax.device_get(call(*chunk, *shared))
+        outs.append(jax.tree.map(lambda a, n=stop - start: np.asarray(a)[:n], out))
+    return jax.tree.map(lambda *a: np.concatenate(a), *outs), n_dev
 
 
 class BatchResults:
@@ -65,9 +123,11 @@ class BatchResults:
     nobs, n_dropped : (M,) rows used and rows dropped for NaN in that response
     """
 
-    def __init__(self, model: MixedLM, ys: np.ndarray, out: _BatchOut, reml: bool, names: list[str]) -> None:
+    def __init__(self, model: MixedLM, ys: np.ndarray | None, out: _BatchOut, reml: bool, names: list[str],
+                 models: list[MixedLM] | None = None) -> None:
         st = model.structure
         self.model, self.reml, self.names, self._ys = model, reml, names, ys
+        self.models = models  # fit_batch: one model per data set
         self.theta = np.stack([normalize_theta(t, st) for t in np.asarray(out.theta)])
         self.scale = np.asarray(out.sigma2)
         prof = [theta_to_profile(t, st) for t in self.theta]
@@ -81,7 +141,9 @@ class BatchResults:
         self.grad_norm = np.asarray(out.grad_norm)
         self.iterations = np.asarray(out.iterations)
         self.nobs = np.asarray(out.nobs).astype(int)
-        self.n_dropped = model.nobs - self.nobs
+        full = np.array([mm.nobs for mm in models]) if models is not None else model.nobs
+        self.n_dropped = full - self.nobs
+        self.n_devices = 1
 
     def to_frame(self) -> pd.DataFrame:
         """A tidy DataFrame: one row per model, fixed effects, variances, scale, llf, convergence."""
@@ -100,6 +162,8 @@ class BatchResults:
         """Model ``m`` as a full :class:`MixedLMResults` (refitted alone from its batched estimate)."""
         from .model import MixedLM
 
+        if self.models is not None:
+            return self.models[m].fit(reml=self.reml, start_params=self.theta_params(m))
         mod = self.model
         y = self._ys[:, m]
         keep = np.isfinite(y)
@@ -120,11 +184,15 @@ class BatchResults:
 
 
 def fit_many(model: MixedLM, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
-             em_iter: int = 10) -> BatchResults:
-    """Fit one model per column of ``y`` on ``model``'s design, in one vmapped call.
+             em_iter: int = 10, batch_size: int | None = None, progress: bool | None = None,
+             shard: bool = True) -> BatchResults:
+    """Fit one model per column of ``y`` on ``model``'s design, in one vmapped call per chunk.
 
     ``y`` is an (nobs, M) array or a list of column names of the model's data.
-    NaN in a column drops those rows for that model only.
+    NaN in a column drops those rows for that model only.  ``batch_size`` chunks
+    the model axis (memory); ``progress`` shows a progress bar over chunks
+    (default: when interactive and there are several chunks).  With several
+    devices each chunk is sharded across them (``shard=False`` keeps one device).
     """
     if isinstance(y, list | tuple) and all(isinstance(c, str) for c in y):
         if model.data is None:
@@ -150,6 +218,105 @@ def fit_many(model: MixedLM, y: Any, reml: bool = True, maxiter: int = 200, gtol
     padded[:, gi.codes, gi.position] = np.nan_to_num(ys.T)
     masks[:, gi.codes, gi.position] = np.isfinite(ys.T)
     theta0 = jnp.asarray(model.structure.theta_start())
-    out = _fit_many(jnp.asarray(padded), jnp.asarray(masks), base, model._zmask, theta0, model.structure,
-                    jnp.asarray(reml), int(maxiter), float(gtol), int(em_iter))
-    return BatchResults(model, ys, jax.device_get(out), reml, names)
+
+    def call(yc, mc, x, z, w, zm):
+        return _fit_vmapped(yc, mc, x, z, w, zm, theta0, model.structure, jnp.asarray(reml), int(maxiter),
+                            float(gtol), int(em_iter), True)
+
+    out, n_dev = run_chunked((padded, masks), (base.x, base.z, base.w, model._zmask), call, batch_size, progress,
+                             shard)
+    res = BatchResults(model, ys, _BatchOut(*out), reml, names)
+    res.n_devices = n_dev
+    return res
+
+
+def _relayout_z(model: MixedLM, vc_sizes: tuple[int, ...]) -> np.ndarray:
+    """The model's random-effects columns with each variance component widened to ``vc_sizes``."""
+    blocks = [model._z[:, : model.k_re]]
+    for v, size in zip(model._vcs, vc_sizes, strict=True):
+        blocks.append(np.pad(v.values, ((0, 0), (0, size - v.size))))
+    return np.concatenate(blocks, axis=1)
+
+
+def fit_batch(
+    formula: str,
+    datasets: list[pd.DataFrame],
+    groups: str,
+    re_formula: str | None = None,
+    vc_formula: dict[str, str] | None = None,
+    weights: str | None = None,
+    reml: bool = True,
+    missing: str = "raise",
+    maxiter: int = 200,
+    gtol: float = 1e-6,
+    em_iter: int = 10,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    shard: bool = True,
+) -> BatchResults:
+    """Fit one formula to many data sets in one vmapped call (per chunk).
+
+    Every data set is padded to one shape (group count and group size bucketed,
+    variance components widened), so a single compiled program fits them all.
+    The fixed-effects columns must agree across data sets (same levels of every
+    categorical), else a ``ValueError`` names the data set and the columns.
+
+    Examples
+    --------
+    >>> import mixedjax
+    >>> d = mixedjax.datasets.load("sleepstudy")
+    >>> res = mixedjax.fit_batch("Reaction ~ Days", [d, d.iloc[:100]], groups="Subject", re_formula="~Days")
+    >>> res.fe_params.shape, res.nobs.tolist()
+    ((2, 2), [180, 100])
+    """
+    from .data import bucket, pad_groups
+    from .model import mixedlm
+
+    if len(datasets) == 0:
+        raise ValueError("fit_batch needs at least one data set")
+    models = []
+    for k, df in enumerate(datasets):
+        try:
+            models.append(mixedlm(formula, df, groups=groups, re_formula=re_formula, vc_formula=vc_formula,
+                                  weights=weights, missing=missing))
+        except ValueError as e:
+            raise ValueError(f"data set {k}: {e}") from e
+    first = models[0]
+    for k, mm in enumerate(models[1:], start=1):
+        if mm.exog_names != first.exog_names:
+            raise ValueError(f"data set {k} has fixed-effects columns {mm.exog_names}; data set 0 has "
+                             f"{first.exog_names} (give categoricals the same levels in every data set)")
+        if mm.exog_re_names != first.exog_re_names or mm.structure.vc_names != first.structure.vc_names:
+            raise ValueError(f"data set {k} has random-effects columns {mm.exog_re_names} and components "
+                             f"{mm.structure.vc_names}; data set 0 has {first.exog_re_names} and "
+                             f"{first.structure.vc_names}")
+    vc_sizes = tuple(max(mm.structure.vc_sizes[j] for mm in models) for j in range(first.k_vc))
+    structure = CovStructure(q_re=first.k_re, vc_sizes=vc_sizes, re_names=first.structure.re_names,
+                             vc_names=first.structure.vc_names)
+    g_pad = bucket(max(mm.n_groups for mm in models))
+    n_pad = bucket(max(mm._gi.n_max for mm in models))
+    stacks: dict[str, list] = {k: [] for k in ("y", "mask", "x", "z", "w", "zmask")}
+    for mm in models:
+        z = _relayout_z(mm, vc_sizes)
+        pg = pad_groups(mm._gi, mm.endog, mm.exog, z, mm.weights, g_pad, n_pad)
+        zmask = np.zeros((g_pad, structure.q))
+        zmask[: mm.n_groups, : mm.k_re] = 1.0
+        off = mm.k_re
+        for v, size in zip(mm._vcs, vc_sizes, strict=True):
+            for g, nm in enumerate(v.names):
+                zmask[g, off : off + len(nm)] = 1.0
+            off += size
+        for key, val in zip(("y", "mask", "x", "z", "w", "zmask"),
+                            (pg.y, pg.mask, pg.x, pg.z, pg.w, zmask), strict=True):
+            stacks[key].append(np.asarray(val))
+    arrays = tuple(np.stack(stacks[k]) for k in ("y", "mask", "x", "z", "w", "zmask"))
+    theta0 = jnp.asarray(structure.theta_start())
+
+    def call(yc, mc, xc, zc, wc, zmc):
+        return _fit_vmapped(yc, mc, xc, zc, wc, zmc, theta0, structure, jnp.asarray(reml), int(maxiter),
+                            float(gtol), int(em_iter), False)
+
+    out, n_dev = run_chunked(arrays, (), call, batch_size, progress, shard)
+    res = BatchResults(first, None, _BatchOut(*out), reml, [f"data{k}" for k in range(len(models))], models)
+    res.n_devices = n_dev
+    return res

@@ -30,7 +30,7 @@ def fit_theta(
     reml: bool = True,
     maxiter: int = 200,
     gtol: float = 1e-6,
-    em_iter: int = 50,
+    em_iter: int = 10,
 ) -> Solution:
     """Minimise the profiled deviance over θ: EM warm start, BFGS, gradient polish (pure JAX, jitted).
 
@@ -309,7 +309,7 @@ class MixedLM:
         start_params: Any = None,
         maxiter: int = 200,
         gtol: float = 1e-6,
-        em_iter: int = 50,
+        em_iter: int = 10,
     ) -> MixedLMResults:  # noqa: F821 - defined in results
         """Fit by REML (default) or ML: EM warm start, then BFGS, then a gradient polish, all in JAX.
 
@@ -362,11 +362,14 @@ class MixedLM:
         return results_class(self, theta, sol, self.reml)
 
     def fit_many(self, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
-                 em_iter: int = 50) -> Any:
+                 em_iter: int = 10, batch_size: int | None = None, progress: bool | None = None,
+                 shard: bool = True) -> Any:
         """Fit one model per column of ``y`` (an (nobs, M) array or column names) in one vmapped call.
 
         NaN in a column drops those rows for that model only (``n_dropped`` in the
-        results).  Returns a :class:`mixedjax.batch.BatchResults` with arrays over
+        results).  ``batch_size`` chunks the model axis to bound memory (one
+        compiled program for all chunks), with a progress bar when interactive
+        (``progress``); with several devices each chunk is sharded across them.  Returns a :class:`mixedjax.batch.BatchResults` with arrays over
         the model axis (``fe_params [M, p]``, ``cov_re [M, q, q]``, ``llf``,
         ``converged``, ...), ``to_frame()`` and ``result_for(m)``.
 
@@ -382,7 +385,8 @@ class MixedLM:
         """
         from .batch import fit_many
 
-        return fit_many(self, y, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter)
+        return fit_many(self, y, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter, batch_size=batch_size,
+                        progress=progress, shard=shard)
 
     @classmethod
     def from_formula(

@@ -68,3 +68,39 @@ def test_column_names_and_bad_shape(sleepstudy):
         model.fit_many(np.ones((10, 2)))
     with pytest.raises(ValueError, match="not in the data"):
         model.fit_many(["nope"])
+
+
+def test_fit_batch_many_datasets_equals_single_fits():
+    d = mixedjax.datasets.load("sleepstudy")
+    rng = np.random.default_rng(11)
+    sets = []
+    for k in range(12):  # ragged: different subsets of subjects and days
+        keep = rng.random(len(d)) < 0.6 + 0.03 * k
+        sets.append(d[keep].assign(Reaction=d.Reaction[keep] + rng.normal(0, 15, keep.sum())))
+    res = mixedjax.fit_batch("Reaction ~ Days", sets, groups="Subject", re_formula="~Days")
+    assert res.fe_params.shape == (12, 2)
+    for k, df in enumerate(sets):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mixedjax.ConvergenceWarning)
+            r = mixedjax.mixedlm("Reaction ~ Days", df, groups="Subject", re_formula="~Days").fit()
+        assert res.nobs[k] == len(df)
+        if r.converged and res.converged[k]:
+            assert abs(res.llf[k] - r.llf) <= 1e-8
+            np.testing.assert_allclose(res.fe_params[k], r.fe_params.to_numpy(), rtol=1e-6)
+    assert res.result_for(3).llf == pytest.approx(res.llf[3], abs=1e-8)
+
+
+def test_fit_batch_variance_components_of_different_widths():
+    p = mixedjax.datasets.load("pastes")
+    sets = [p, p[p.cask != "c"]]  # the second has 2 casks per batch
+    res = mixedjax.fit_batch("strength ~ 1", sets, groups="batch", vc_formula={"cask": "0 + C(cask)"})
+    for k, df in enumerate(sets):
+        r = mixedjax.mixedlm("strength ~ 1", df, groups="batch", vc_formula={"cask": "0 + C(cask)"}).fit()
+        assert abs(res.llf[k] - r.llf) <= 1e-8
+
+
+def test_fit_batch_refuses_mismatched_columns():
+    d = mixedjax.datasets.load("dietox")
+    a = d[d.Evit != "Evit200"].assign(Evit=lambda x: x.Evit.cat.remove_unused_categories())
+    with pytest.raises(ValueError, match="data set 1 has fixed-effects columns"):
+        mixedjax.fit_batch("Weight ~ Time + Evit", [d, a], groups="Pig")
