@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .covariance import CovStructure, normalize_theta, theta_to_profile
+from .covariance import CovStructure, theta_to_profile
 from .data import GroupedData, cross_products
 from .likelihood import profile
 from .model import fit_theta
@@ -109,6 +109,23 @@ def run_chunked(
     return jax.tree.map(lambda *a: np.concatenate(a), *outs), n_dev
 
 
+def _profile_many(theta: np.ndarray, st: CovStructure) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised :func:`normalize_theta` and :func:`theta_to_profile` over the model axis (M, n_theta)."""
+    m_count, q = theta.shape[0], st.q_re
+    lam = np.zeros((m_count, q, q))
+    idx = np.arange(q)
+    if st.re_diagonal:
+        lam[:, idx, idx] = np.abs(theta[:, :q])
+        re = lam[:, idx, idx]
+    else:
+        r, c = st.re_tril
+        lam[:, r, c] = theta[:, : len(r)]
+        lam = lam * np.where(lam[:, idx, idx] < 0, -1.0, 1.0)[:, None, :]
+        re = lam[:, r, c]
+    vc = np.abs(theta[:, st.n_re_theta :])
+    return np.concatenate([re, vc], axis=1), lam @ lam.transpose(0, 2, 1), vc**2
+
+
 class BatchResults:
     """Results of :meth:`MixedLM.fit_many`: arrays over the model axis (first axis, length M).
 
@@ -128,11 +145,10 @@ class BatchResults:
         st = model.structure
         self.model, self.reml, self.names, self._ys = model, reml, names, ys
         self.models = models  # fit_batch: one model per data set
-        self.theta = np.stack([normalize_theta(t, st) for t in np.asarray(out.theta)])
+        self.theta, cov1, vc1 = _profile_many(np.asarray(out.theta, dtype=float), st)
         self.scale = np.asarray(out.sigma2)
-        prof = [theta_to_profile(t, st) for t in self.theta]
-        self.cov_re = np.stack([c for c, _ in prof]) * self.scale[:, None, None]
-        self.vcomp = np.stack([v for _, v in prof]).reshape(len(names), -1) * self.scale[:, None]
+        self.cov_re = cov1 * self.scale[:, None, None]
+        self.vcomp = vc1 * self.scale[:, None]
         self.fe_params = np.asarray(out.beta)
         self.llf = -0.5 * np.asarray(out.deviance)
         self.bse_fe = np.sqrt(np.diagonal(np.linalg.inv(np.asarray(out.a)), axis1=1, axis2=2) * self.scale[:, None])
