@@ -200,7 +200,7 @@ class BatchResults:
 
 
 def fit_many(model: MixedLM, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
-             em_iter: int = 10, batch_size: int | None = None, progress: bool | None = None,
+             em_iter: int = 30, batch_size: int | None = None, progress: bool | None = None,
              shard: bool = True) -> BatchResults:
     """Fit one model per column of ``y`` on ``model``'s design, in one vmapped call per chunk.
 
@@ -265,7 +265,7 @@ def fit_batch(
     missing: str = "raise",
     maxiter: int = 200,
     gtol: float = 1e-6,
-    em_iter: int = 10,
+    em_iter: int = 30,
     batch_size: int | None = None,
     progress: bool | None = None,
     shard: bool = True,

@@ -135,7 +135,7 @@ def fit(
     theta0: Array | None = None,
     maxiter: int = 200,
     gtol: float = 1e-6,
-    em_iter: int = 10,
+    em_iter: int = 30,
 ) -> FitResult:
     """Fit a linear mixed model to padded ``data``; differentiable in ``data`` by the implicit function theorem.
 

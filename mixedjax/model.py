@@ -30,7 +30,7 @@ def fit_theta(
     reml: bool = True,
     maxiter: int = 200,
     gtol: float = 1e-6,
-    em_iter: int = 10,
+    em_iter: int = 30,
 ) -> Solution:
     """Minimise the profiled deviance over θ: EM warm start, BFGS, gradient polish (pure JAX, jitted).
 
@@ -44,7 +44,24 @@ def fit_theta(
     def warm(theta):
         return em_step(theta, cp, zmask, structure, reml)
 
-    return minimize(objective, theta0, warm_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol)
+    sol = minimize(objective, theta0, warm_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol)
+    # Near a degenerate boundary the deviance can be quartic in a diagonal entry of Λ, where a small
+    # gradient still leaves θ_jj ~ 1e-3 and the deviance ~1e-8 above the boundary optimum: try the
+    # boundary itself (lme4 reaches it through its bounds) and keep it unless it is worse.
+    small = jnp.asarray(structure.diagonal_theta()) & (jnp.abs(sol.x) < SNAP_TOL)
+    snapped = jnp.where(small, 0.0, sol.x)
+    f_snap, g_snap = jax.value_and_grad(objective)(snapped)
+    take = jnp.any(small) & jnp.isfinite(f_snap) & (f_snap <= sol.value) & sol.converged
+    g_free = jnp.where(small, 0.0, g_snap)  # the gradient of a boundary entry is 0 there by symmetry
+    return sol._replace(
+        x=jnp.where(take, snapped, sol.x),
+        value=jnp.where(take, f_snap, sol.value),
+        grad=jnp.where(take, g_free, sol.grad),
+        grad_norm=jnp.where(take, jnp.max(jnp.abs(g_free)), sol.grad_norm),
+    )
+
+
+SNAP_TOL = 1e-2  # try diagonal entries of Λ below this at exactly 0 after the fit
 
 
 _loglike_jit = jax.jit(loglike_packed, static_argnames=("structure", "profile_fe"))
@@ -309,7 +326,7 @@ class MixedLM:
         start_params: Any = None,
         maxiter: int = 200,
         gtol: float = 1e-6,
-        em_iter: int = 10,
+        em_iter: int = 30,
     ) -> MixedLMResults:  # noqa: F821 - defined in results
         """Fit by REML (default) or ML: EM warm start, then BFGS, then a gradient polish, all in JAX.
 
@@ -362,7 +379,7 @@ class MixedLM:
         return results_class(self, theta, sol, self.reml)
 
     def fit_many(self, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
-                 em_iter: int = 10, batch_size: int | None = None, progress: bool | None = None,
+                 em_iter: int = 30, batch_size: int | None = None, progress: bool | None = None,
                  shard: bool = True) -> Any:
         """Fit one model per column of ``y`` (an (nobs, M) array or column names) in one vmapped call.
 

@@ -128,6 +128,7 @@ def minimize(
     polish_gtol: float = 1e-11,
     max_polish: int = 10,
     ls_steps: int = 40,
+    warm_rtol: float = 1e-5,
 ) -> Solution:
     """Minimise ``fun`` from ``x0``.
 
@@ -137,7 +138,8 @@ def minimize(
         Pure scalar function of a 1-D array.
     x0 : (k,) array
     warm_step : callable, optional
-        Fixed-point map used for at most ``n_warm`` warm-start iterations.
+        Fixed-point map used for at most ``n_warm`` warm-start iterations, while each
+        decreases the objective by more than ``warm_rtol * (1 + |f|)``.
     maxiter : int
         Maximum BFGS iterations.
     gtol : float
@@ -184,7 +186,7 @@ def minimize(
 
         # -- WARM: keep EM steps while they decrease f appreciably
         w_ok = finite & (ft <= s.f)
-        w_more = w_ok & (s.f - ft > 1e-6 * (1.0 + jnp.abs(s.f))) & (s.n_warm + 1 < n_warm)
+        w_more = w_ok & (s.f - ft > warm_rtol * (1.0 + jnp.abs(s.f))) & (s.n_warm + 1 < n_warm)
         wx, wf, wg = (jnp.where(w_ok, xt, s.x), jnp.where(w_ok, ft, s.f), jnp.where(w_ok, gt, s.g))
         warm_next = s._replace(
             x=wx, f=wf, g=wg, n_warm=s.n_warm + 1, d=_direction(s.hinv, wg),

@@ -104,3 +104,23 @@ def test_fit_batch_refuses_mismatched_columns():
     a = d[d.Evit != "Evit200"].assign(Evit=lambda x: x.Evit.cat.remove_unused_categories())
     with pytest.raises(ValueError, match="data set 1 has fixed-effects columns"):
         mixedjax.fit_batch("Weight ~ Time + Evit", [d, a], groups="Pig")
+
+
+def test_failing_model_does_not_poison_the_others():
+    d = mixedjax.datasets.load("sleepstudy")
+    rng = np.random.default_rng(5)
+    y = d.Reaction.to_numpy()[:, None] + rng.normal(0, 20, (180, 6))
+    y[:, 2] = 300.0  # a constant response: the residual variance is 0, the likelihood is not finite
+    g = d.Subject.cat.codes.to_numpy()
+    b0 = rng.normal(0, 100, 18)  # a hard one: slopes perfectly correlated with intercepts, tiny residual sd
+    y[:, 4] = 10 + b0[g] + 0.03 * b0[g] * d.Days.to_numpy() + rng.normal(0, 1, 180)
+    model = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days")
+    res = model.fit_many(y)
+    assert not res.converged[2]
+    good = [0, 1, 3, 4, 5]
+    assert res.converged[good].all()
+    for m in good:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mixedjax.ConvergenceWarning)
+            r = mixedjax.mixedlm("y ~ Days", d.assign(y=y[:, m]), groups="Subject", re_formula="~Days").fit()
+        assert abs(res.llf[m] - r.llf) <= 1e-8
