@@ -100,6 +100,9 @@ class CrossedData(NamedTuple):
     (first-factor level, term-k level) pairs that share rows and ``pair_b[k]
     (n_k, q_k, q₁)`` their ``Σ z_k z₁ᵀ``; per ordered term pair ``(k, k')``,
     ``pp_a, pp_b`` the index pairs of their pairs that share a first-factor level.
+    When every term is scalar, ``pp_a, pp_b`` hold one flat list (indices into
+    all terms' pairs, concatenated) of the pairs of pairs in the upper triangle of
+    ``S``, sorted by their flat destination ``pp_dest`` (empty otherwise).
     ``xtx, xty, yty, nobs, sum_logw`` as :class:`mixedjax.data.CrossProducts`.
     """
 
@@ -112,6 +115,7 @@ class CrossedData(NamedTuple):
     pair_b: tuple
     pp_a: tuple
     pp_b: tuple
+    pp_dest: Array
     xtx: Array
     xty: Array
     yty: Array
@@ -176,16 +180,37 @@ def crossed_data(y: np.ndarray, x: np.ndarray, terms: list,
         pair_i.append((uniq % l1).astype(np.int32))
         pair_b.append(blocks)
     pp_a, pp_b = [], []
-    for k in range(len(terms) - 1):
-        for k2 in range(len(terms) - 1):
-            a, b = _pairs_of_pairs(pair_i[k], pair_i[k2], l1)
-            pp_a.append(a)
-            pp_b.append(b)
+    pp_dest = np.zeros(0, np.int64)
+    nk = len(terms) - 1
+    if all(q == 1 for q in st.qs) and nk:
+        # one sorted list over the upper triangle of S: the scatter-add runs in destination order
+        start = np.concatenate([[0], np.cumsum([len(v) for v in pair_i])])
+        va, vb, dest = [], [], []
+        for k in range(nk):
+            for k2 in range(k, nk):
+                a, b = _pairs_of_pairs(pair_i[k], pair_i[k2], l1)
+                rows = st.offsets[k + 1] + pair_j[k][a].astype(np.int64)
+                cols = st.offsets[k2 + 1] + pair_j[k2][b].astype(np.int64)
+                keep = rows <= cols
+                va.append(start[k] + a[keep])
+                vb.append(start[k2] + b[keep])
+                dest.append(rows[keep] * st.m + cols[keep])
+        dest = np.concatenate(dest)
+        order = np.argsort(dest, kind="stable")
+        pp_a = [np.concatenate(va)[order].astype(np.int32)]
+        pp_b = [np.concatenate(vb)[order].astype(np.int32)]
+        pp_dest = dest[order]
+    else:
+        for k in range(nk):
+            for k2 in range(nk):
+                a, b = _pairs_of_pairs(pair_i[k], pair_i[k2], l1)
+                pp_a.append(a)
+                pp_b.append(b)
     data = CrossedData(
         d1=jnp.asarray(d1), r1=jnp.asarray(r1), g22=jnp.asarray(g22), r2=jnp.asarray(r2),
         pair_i=tuple(jnp.asarray(v) for v in pair_i), pair_j=tuple(jnp.asarray(v) for v in pair_j),
         pair_b=tuple(jnp.asarray(v) for v in pair_b), pp_a=tuple(jnp.asarray(v) for v in pp_a),
-        pp_b=tuple(jnp.asarray(v) for v in pp_b),
+        pp_b=tuple(jnp.asarray(v) for v in pp_b), pp_dest=jnp.asarray(pp_dest),
         xtx=jnp.asarray(xy[:, :p].T @ xy[:, :p]), xty=jnp.asarray(xy[:, :p].T @ xy[:, p]),
         yty=jnp.asarray(xy[:, p] @ xy[:, p]), nobs=jnp.asarray(float(n)), sum_logw=jnp.asarray(np.log(w).sum()),
     )
@@ -212,17 +237,17 @@ def _lam_t_dense(a: Array, ts: list[Array], st: CrossedStructure) -> Array:
 
 
 class CrossedFactor(NamedTuple):
-    """Pieces of the blocked Cholesky factor of ``M`` and the forward solves of ``Λᵀ Zᵀ [X y]``."""
+    """The first block of the Cholesky factor of ``M``, the Schur complement, and the forward solves."""
 
     chol1: Array      # (l₁, q₁, q₁)
     v: tuple          # per term k ≥ 2: (n_k, q₁, q_k) = L₁₁,ᵢ⁻¹ A₁₂ block
-    chol2: Array      # (m, m)
-    c1: Array         # (l₁, q₁, p+1)
-    c2: Array         # (m, p+1)
+    schur: Array      # (m, m) S = A₂₂ − A₂₁ A₁₁⁻¹ A₁₂
+    c1: Array         # (l₁, q₁, p+1) = L₁₁⁻¹ Λ₁ᵀ Z₁ᵀ [X y]
+    r2: Array         # (m, p+1) = Λ₂ᵀ Z₂ᵀ [X y] − L₂₁ c₁ (so c₂ = L₂₂⁻¹ r₂)
 
 
 def factor(theta: Array, data: CrossedData, st: CrossedStructure) -> CrossedFactor:
-    """Blocked Cholesky of ``Λᵀ Zᵀ Z Λ + I`` and ``c = L⁻¹ Λᵀ Zᵀ [X y]``."""
+    """First block of the blocked Cholesky of ``Λᵀ Zᵀ Z Λ + I``, the Schur complement, ``c₁`` and ``r₂``."""
     ts = term_factors(theta, st)
     t1 = ts[0]
     q1 = st.qs[0]
@@ -241,7 +266,12 @@ def factor(theta: Array, data: CrossedData, st: CrossedStructure) -> CrossedFact
     # Schur complement from the pairs of pairs that share a first-factor level
     nk = len(st.qs) - 1
     s = a22
-    for k in range(nk):
+    if data.pp_dest.shape[0]:  # every term scalar: one sorted scatter over the upper triangle
+        v_all = jnp.concatenate([v[:, 0, 0] for v in vs])
+        vals = v_all[data.pp_a[0]] * v_all[data.pp_b[0]]
+        t = jnp.zeros(m * m, theta.dtype).at[data.pp_dest].add(vals, indices_are_sorted=True).reshape(m, m)
+        s = s - (t + t.T - jnp.diag(jnp.diagonal(t)))
+    for k in range(nk if not data.pp_dest.shape[0] else 0):
         qk, offk = st.qs[k + 1], st.offsets[k + 1]
         rows = offk + data.pair_j[k][:, None] * qk + jnp.arange(qk)[None, :]  # (n_k, q_k)
         for k2 in range(nk):
@@ -254,27 +284,54 @@ def factor(theta: Array, data: CrossedData, st: CrossedStructure) -> CrossedFact
             else:
                 vals = jnp.einsum("nca,ncb->nab", vs[k][pa], vs[k2][pb])
                 s = s.at[rows[pa][:, :, None], cols[pb][:, None, :]].add(-vals)
-    chol2 = jnp.linalg.cholesky(s)
     r2 = _lam_t_dense(data.r2, ts, st)
     for k in range(nk):
         qk, offk = st.qs[k + 1], st.offsets[k + 1]
         rows = offk + data.pair_j[k][:, None] * qk + jnp.arange(qk)[None, :]
         contrib = jnp.einsum("nck,ncp->nkp", vs[k], c1[data.pair_i[k]])  # L₂₁ c₁ per pair
         r2 = r2.at[rows].add(-contrib)
-    c2 = jsl.solve_triangular(chol2, r2, lower=True)
-    return CrossedFactor(chol1, tuple(vs), chol2, c1, c2)
+    return CrossedFactor(chol1, tuple(vs), s, c1, r2)
+
+
+@jax.custom_vjp
+def dense_logdet_quad(s: Array, r: Array) -> tuple[Array, Array]:
+    """``(log|S|, Rᵀ S⁻¹ R)`` for symmetric positive definite ``S (m, m)`` by one dense Cholesky.
+
+    Its own reverse rule (``S̄ = ḡ S⁻¹ − Y Q̄ Yᵀ``, ``R̄ = Y (Q̄ + Q̄ᵀ)``, ``Y = S⁻¹R``)
+    costs one ``cho_solve`` with the identity, instead of differentiating the
+    Cholesky factorisation itself.
+    """
+    return _dense_fwd(s, r)[0]
+
+
+def _dense_fwd(s: Array, r: Array):
+    chol = jnp.linalg.cholesky(s)
+    c = jsl.solve_triangular(chol, r, lower=True)
+    y = jsl.solve_triangular(chol, c, lower=True, trans="T")
+    return (2.0 * jnp.sum(jnp.log(jnp.diagonal(chol))), c.T @ c), (chol, y)
+
+
+def _dense_bwd(res, g):
+    chol, y = res
+    g_logdet, g_quad = g
+    sinv = jsl.cho_solve((chol, True), jnp.eye(chol.shape[0], dtype=chol.dtype))
+    return g_logdet * sinv - y @ g_quad @ y.T, y @ (g_quad + g_quad.T)
+
+
+dense_logdet_quad.defvjp(_dense_fwd, _dense_bwd)
 
 
 def normal_equations(f: CrossedFactor, data: CrossedData) -> Normal:
     p = data.xtx.shape[0]
     c1 = f.c1.reshape(-1, p + 1)
-    c = jnp.concatenate([c1, f.c2], axis=0)
-    a = data.xtx - c[:, :p].T @ c[:, :p]
-    b = data.xty - c[:, :p].T @ c[:, p]
-    yy = data.yty - jnp.dot(c[:, p], c[:, p])
+    quad = c1.T @ c1
     logdet = jnp.sum(logdet_from_cholesky(f.chol1))
-    if f.chol2.shape[0]:
-        logdet = logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(f.chol2)))
+    if f.schur.shape[0]:
+        logdet2, quad2 = dense_logdet_quad(f.schur, f.r2)
+        logdet, quad = logdet + logdet2, quad + quad2
+    a = data.xtx - quad[:p, :p]
+    b = data.xty - quad[:p, p]
+    yy = data.yty - quad[p, p]
     return Normal(a, b, yy, logdet - data.sum_logw)
 
 
@@ -297,8 +354,10 @@ def conditional_modes(theta: Array, data: CrossedData, st: CrossedStructure, rem
     e1 = f.c1[..., p] - f.c1[..., :p] @ pr.beta  # (l₁, q₁)
     out = []
     if len(st.qs) > 1:
-        e2 = f.c2[:, p] - f.c2[:, :p] @ pr.beta
-        u2 = jsl.solve_triangular(f.chol2, e2, lower=True, trans="T")
+        chol2 = jnp.linalg.cholesky(f.schur)
+        c2 = jsl.solve_triangular(chol2, f.r2, lower=True)
+        e2 = c2[:, p] - c2[:, :p] @ pr.beta
+        u2 = jsl.solve_triangular(chol2, e2, lower=True, trans="T")
         for k in range(len(st.qs) - 1):
             qk, offk = st.qs[k + 1], st.offsets[k + 1]
             uk = u2[offk : offk + qk * st.levels[k + 1]].reshape(-1, qk)
