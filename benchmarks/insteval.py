@@ -1,0 +1,130 @@
+"""InstEval (73,421 rows; 2,972 students x 1,128 lecturers x 28 dept:service, crossed), REML: mixedjax vs lme4.
+
+Usage::
+
+    python benchmarks/insteval.py [--repeats 3] [--skip-lme4]
+
+Model: ``y ~ service + (1 | s) + (1 | d) + (1 | dept:service)``, REML, lme4's default settings.
+
+* **mixedjax first fit**: in a fresh Python process with the data already in memory (the
+  bundled ``mixedjax.datasets.load("insteval")``, JAX initialised), ``mixedjax.lmer(...)``
+  end to end: formula parsing, the host-side sparse precomputation, tracing and XLA
+  compilation, and the fit.  Then **repeat**: the same call again in that process (the
+  compiled program is reused; the precomputation is not cached), the median of
+  ``--repeats``.
+* **lme4**: ``lme4::lmer(...)`` with the data in memory (``data(InstEval)``), timed with
+  ``system.time`` in one ``Rscript`` process: the first call and the median of ``--repeats``.
+  R with lme4 installs from the Debian packages ``r-cran-lme4`` (lme4 1.1-31 here); give it an
+  optimised BLAS (``libopenblas0-pthread``): with the reference BLAS lme4 is about 4x slower.
+  Skipped (with a note) when ``Rscript`` or lme4 is absent.
+
+Both run one after the other on the same machine in one run of this script; the machine's load
+average is printed, because other processes on the machine slow both down.  Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+FORMULA = "y ~ service + (1 | s) + (1 | d) + (1 | dept:service)"
+
+R_SCRIPT = textwrap.dedent("""
+    suppressMessages(library(lme4))
+    data(InstEval, package = "lme4")
+    reps <- as.integer(commandArgs(trailingOnly = TRUE)[1])
+    times <- numeric(0)
+    for (i in seq_len(reps + 1)) {
+      t <- system.time(fit <- lmer(FORMULA, data = InstEval, REML = TRUE))[["elapsed"]]
+      times <- c(times, t)
+    }
+    si <- sessionInfo()
+    cat(sprintf('{"first": %.6f, "times": [%s], "llf": %.10f, "lme4": "%s", "R": "%s", "blas": "%s", "feval": %d}\\n',
+        times[1], paste(sprintf("%.6f", times[-1]), collapse = ", "), as.numeric(logLik(fit)),
+        as.character(packageVersion("lme4")), paste(R.version$major, R.version$minor, sep = "."),
+        si$BLAS, as.integer(fit@optinfo$feval)))
+""").replace("FORMULA", FORMULA)
+
+
+def _mixedjax(repeats: int) -> dict:
+    """Run in a fresh process: first fit (compile included) and repeats."""
+    t0 = time.perf_counter()
+    import jax
+    import jax.numpy as jnp
+
+    import mixedjax
+
+    jnp.zeros(1).block_until_ready()  # initialise the backend
+    t_import = time.perf_counter() - t0
+    data = mixedjax.datasets.load("insteval")
+    t = time.perf_counter()
+    res = mixedjax.lmer(FORMULA, data)
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mixedjax.lmer(FORMULA, data)
+        times.append(time.perf_counter() - t)
+    return {"first": first, "times": times, "llf": res.llf, "converged": res.converged,
+            "iterations": res.optim.iterations, "evaluations": res.optim.evaluations,
+            "import_s": t_import, "jax": jax.__version__,
+            "varcorr": res.varcorr()[["group", "vcov"]].values.tolist()}
+
+
+def _lme4(repeats: int) -> dict | None:
+    if shutil.which("Rscript") is None:
+        return {"skipped": "Rscript not found (install r-cran-lme4)"}
+    proc = subprocess.run(["Rscript", "-e", R_SCRIPT, str(repeats)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"skipped": f"Rscript failed: {proc.stderr.strip()[-300:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-lme4", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_mixedjax(args.repeats)))
+        return
+    load0 = os.getloadavg()[0]
+    proc = subprocess.run([sys.executable, __file__, "--child", "--repeats", str(args.repeats)],
+                          capture_output=True, text=True, check=True)
+    mj = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = {"skipped": "--skip-lme4"} if args.skip_lme4 else _lme4(args.repeats)
+    load1 = os.getloadavg()[0]
+
+    print(f"Date: {datetime.date.today()}  ")
+    print(f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"load average {load0:.1f} before, {load1:.1f} after  ")
+    print(f"Python {platform.python_version()}, jax {mj['jax']}; `import jax, mixedjax` {mj['import_s']:.2f} s  ")
+    print(f"Model: `{FORMULA}`, REML, 73,421 rows  ")
+    print()
+    print("| engine | first fit (s) | repeat, median (s) | logLik | notes |")
+    print("|---|---:|---:|---:|---|")
+    print(f"| mixedjax `lmer` | {mj['first']:.2f} | {statistics.median(mj['times']):.2f} | {mj['llf']:.6f} | "
+          f"compile included in the first fit; {mj['iterations']} BFGS iterations, {mj['evaluations']} "
+          f"value+gradient evaluations; converged {mj['converged']} |")
+    if "skipped" in r:
+        print(f"| lme4 | — | — | — | skipped: {r['skipped']} |")
+    else:
+        print(f"| lme4 {r['lme4']} (R {r['R']}) | {r['first']:.2f} | {statistics.median(r['times']):.2f} | "
+              f"{r['llf']:.6f} | default lmerControl; {r['feval']} deviance evaluations; BLAS {r['blas']} |")
+        print()
+        print(f"Ratio lme4 / mixedjax: first fit {r['first'] / mj['first']:.2f}x, "
+              f"repeat {statistics.median(r['times']) / statistics.median(mj['times']):.2f}x.")
+
+
+if __name__ == "__main__":
+    main()
