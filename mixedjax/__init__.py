@@ -17,6 +17,7 @@ if os.environ.get("MIXEDJAX_ENABLE_X64", "1") != "0":
 
 from . import datasets  # noqa: E402
 from .batch import BatchResults, fit_batch  # noqa: E402
+from .inference import anova, compare_lr_test  # noqa: E402
 from .lmer import lmer  # noqa: E402
 from .model import MixedLM, fit_theta, mixedlm  # noqa: E402
 from .optimize import Result, Solution, minimize  # noqa: E402
@@ -31,6 +32,8 @@ __all__ = [
     "AR1",
     "VarIdent",
     "ConvergenceWarning",
+    "anova",
+    "compare_lr_test",
     "LmerResults",
     "MixedLM",
     "MixedLMResults",

@@ -1,0 +1,185 @@
+"""Wald tests, likelihood-ratio tests (lme4 / nlme ``anova``) and small-sample df (lmerTest, pbkrtest)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from conftest import REF, fit_case, load_case
+from scipy import stats
+
+import mixedjax
+from mixedjax.inference import parse_constraints
+
+_fits: dict = {}
+
+
+def _fit(case_id):
+    if case_id not in _fits:
+        _fits[case_id] = fit_case(load_case(case_id))
+    return _fits[case_id]
+
+
+def _lrt(name):
+    return json.loads((REF / f"{name}.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ Wald tests
+def test_constraint_strings_match_matrices():
+    res = _fit("sleepstudy_corr_reml")
+    names = list(res.fe_params.index)
+    r, q = parse_constraints("Days = 0", names)
+    assert r.tolist() == [[0.0, 1.0]] and q.tolist() == [0.0]
+    r, q = parse_constraints("Days = Intercept, 2*Days - (Intercept) = 3", names)
+    assert r.tolist() == [[-1.0, 1.0], [-1.0, 2.0]] and q.tolist() == [0.0, 3.0]
+    a = res.t_test("Days = Intercept")
+    b = res.t_test(np.array([[-1.0, 1.0]]))
+    np.testing.assert_allclose(a.tvalue, b.tvalue, rtol=1e-12)
+    # a matrix over all params (statsmodels' width) with zero variance columns is accepted
+    c = res.t_test(np.array([[-1.0, 1.0, 0, 0, 0]]))
+    np.testing.assert_allclose(a.tvalue, c.tvalue, rtol=1e-12)
+    with pytest.raises(ValueError, match="Tme"):
+        res.t_test("Tme = 0")
+    with pytest.raises(ValueError, match="linear"):
+        res.t_test("Days * Intercept = 0")
+    with pytest.raises(ValueError, match="columns"):
+        res.t_test(np.ones((1, 3)))
+
+
+def test_wald_tests_against_direct_formulas():
+    res = _fit("sleepstudy_corr_reml")
+    beta, cov = res.fe_params.to_numpy(), res.cov_params().to_numpy()[:2, :2]
+    t = res.t_test("Days = 10")
+    want = (beta[1] - 10) / np.sqrt(cov[1, 1])
+    assert abs(t.tvalue[0] - want) <= 1e-10 * abs(want)
+    assert abs(t.pvalue[0] - 2 * stats.norm.sf(abs(want))) <= 1e-12
+    # statsmodels' MixedLM t_test has normal p-values; the unit contrasts reproduce tvalues / pvalues
+    tt = res.t_test(np.eye(2))
+    np.testing.assert_allclose(tt.tvalue, res.tvalues.to_numpy()[:2], rtol=1e-10)
+    np.testing.assert_allclose(tt.conf_int(), res.conf_int().to_numpy()[:2], rtol=1e-10)
+    r = np.array([[1.0, 0.0], [0.0, 1.0]])
+    q = np.array([250.0, 10.0])
+    d = r @ beta - q
+    w = d @ np.linalg.solve(r @ cov @ r.T, d)
+    wt = res.wald_test((r, q))
+    assert abs(wt.statistic - w) <= 1e-9 * w and wt.df_num == 2
+    assert abs(wt.pvalue - stats.chi2.sf(w, 2)) <= 1e-12
+    f = res.f_test("Intercept = 250, Days = 10")
+    assert abs(f.fvalue - w / 2) <= 1e-9 * w and f.df_denom == res.nobs - 2
+    sf = res.f_test("Intercept = 250, Days = 10", ddf="satterthwaite")
+    assert 2 < sf.df_denom < 180
+
+
+# ----------------------------------------------------------------------------------- likelihood ratio
+LME4_LRT = ["lrt_dietox_indep_vs_rs", "lrt_dietox_ri_vs_rs", "lrt_sleepstudy_indep_vs_corr"]
+
+
+def _check_table(t, ref):
+    # tolerances of issue 6: logLik/AIC/BIC 1e-6 abs, chisq 1e-5 abs, p 1e-4 rel
+    assert t["npar"].tolist() == ref["npar"]
+    np.testing.assert_allclose(t["logLik"], ref["logLik"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(t["AIC"], ref["AIC"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(t["BIC"], ref["BIC"], rtol=0, atol=1e-6)
+    assert abs(t["Chisq"].iloc[1] - ref["chisq"]) <= 1e-5
+    assert int(t["Df"].iloc[1]) == ref["df"]
+    assert abs(t["Pr(>Chisq)"].iloc[1] - ref["p_value"]) <= 1e-4 * ref["p_value"]
+
+
+@pytest.mark.parametrize("name", LME4_LRT)
+def test_lrt_matches_lme4_anova(name):
+    lrt = _lrt(name)
+    ref = lrt["results"]["lme4"]
+    small, large = _fit(lrt["null_case"]), _fit(lrt["alternative_case"])
+    t = mixedjax.anova(large, small)  # sorted by npar, as lme4
+    assert list(t.index) == ["model2", "model1"]
+    _check_table(t, ref)
+    # REML fits are refitted by ML (refit=True), with a note
+    t2 = mixedjax.compare_lr_test(_fit(lrt["null_case"].replace("_ml", "_reml")), large)
+    assert "refitting" in t2.note and "refitting" in repr(t2)
+    _check_table(t2, ref)
+    stat, p, dfd = large.compare_lr_test(small)
+    assert abs(stat - ref["chisq"]) <= 1e-5 and dfd == ref["df"]
+
+
+def test_lrt_refuses_different_data(sleepstudy):
+    a = _fit("sleepstudy_corr_ml")
+    sub = sleepstudy.iloc[:170]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = mixedjax.mixedlm("Reaction ~ Days", sub, groups="Subject").fit(reml=False)
+    with pytest.raises(ValueError, match="different data: nobs"):
+        mixedjax.compare_lr_test(b, a)
+    other = sleepstudy.assign(Reaction=sleepstudy.Reaction + 1.0)
+    c = mixedjax.mixedlm("Reaction ~ Days", other, groups="Subject").fit(reml=False)
+    with pytest.raises(ValueError, match="different responses"):
+        mixedjax.compare_lr_test(c, a)
+    with pytest.raises(ValueError, match="at least two"):
+        mixedjax.anova(a)
+
+
+def test_refit_false_needs_identical_fixed_effects(sleepstudy):
+    a = _fit("sleepstudy_corr_reml")
+    b = mixedjax.mixedlm("Reaction ~ 1", sleepstudy, groups="Subject", re_formula="~Days").fit()
+    with pytest.raises(ValueError, match="different fixed effects"):
+        mixedjax.compare_lr_test(b, a, refit=False)
+    c = _fit("sleepstudy_indep_reml")
+    t = mixedjax.compare_lr_test(c, a, refit=False)
+    assert abs(t["Chisq"].iloc[1] - 2 * (a.llf - c.llf)) <= 1e-9
+    # nlme's REML BIC uses log(n - p)
+    assert abs(t["BIC"].iloc[0] - (-2 * c.llf + np.log(180 - 2) * 5)) <= 1e-9
+
+
+NLME_LRT = {
+    "lrt_orthodont_varident": ("orthodont", "distance ~ age + Sex", lambda: mixedjax.VarIdent("Sex")),
+    # nlme's corAR1(form = ~1 | Subject) on rows in data order = Occasion order
+    "lrt_oxboys_ar1": ("oxboys", "height ~ age", lambda: mixedjax.AR1(time="Occasion")),
+}
+
+
+@pytest.mark.skipif(not hasattr(mixedjax, "VarIdent"), reason="structured residuals (issue 5) not available")
+@pytest.mark.parametrize("name", sorted(NLME_LRT))
+def test_lrt_matches_nlme_reml_anova(name):
+    ds, formula, residual = NLME_LRT[name]
+    ref = _lrt(name)["results"]["nlme"]
+    data = mixedjax.datasets.load(ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mixedjax.ConvergenceWarning)
+        m0 = mixedjax.mixedlm(formula, data, groups="Subject").fit()
+        m1 = mixedjax.mixedlm(formula, data, groups="Subject", residual=residual()).fit()
+    _check_table(mixedjax.anova(m0, m1, refit=False), ref)
+
+
+# ---------------------------------------------------------------------------------- small-sample df
+LMERTEST = ["sleepstudy_corr_reml", "sleepstudy_indep_reml", "dietox_ri_reml", "dietox_rs_reml"]
+
+
+@pytest.mark.parametrize("case_id", LMERTEST)
+def test_satterthwaite_and_kenward_roger_match_lmertest(case_id):
+    ref = load_case(case_id)["results"]["lmerTest"]
+    res = _fit(case_id)
+    for ddf, key in [("satterthwaite", "satterthwaite"), ("kenward-roger", "kenward_roger")]:
+        tab = res.fe_table(ddf)
+        want = ref[key]
+        # issue 6: 1e-3 relative; measured: Satterthwaite <= 2e-7 (lmerTest differentiates numerically),
+        # Kenward-Roger <= 1e-8
+        np.testing.assert_allclose(tab["df"], want["df"], rtol=1e-4)
+        np.testing.assert_allclose(tab["Std. Error"], want["std_error"], rtol=1e-6)
+        np.testing.assert_allclose(tab["t value"], want["t_value"], rtol=1e-6)
+        p = np.array(want["p_value"])
+        ok = p > 1e-300  # lmerTest prints 0 for p below double precision
+        np.testing.assert_allclose(tab["Pr(>|t|)"][ok], p[ok], rtol=1e-3)
+    s = res.summary(ddf="satterthwaite").tables[1]
+    assert "df" in s.columns and "P>|t|" in s.columns
+
+
+def test_satterthwaite_contrast_and_f():
+    res = _fit("dietox_ri_reml")
+    t = res.t_test("Time = 7", ddf="satterthwaite")
+    assert abs(t.df_denom[0] - res.fe_table()["df"].iloc[1]) <= 1e-9
+    # a single-row F test is the square of the t test, with the same df
+    f = res.f_test("Time = 7", ddf="satterthwaite")
+    assert abs(f.fvalue - t.tvalue[0] ** 2) <= 1e-8 * f.fvalue and abs(f.df_denom - t.df_denom[0]) < 1e-8
+    with pytest.raises(ValueError, match="ddf"):
+        res.t_test("Time = 7", ddf="wrong")
