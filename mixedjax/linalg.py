@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
-
 SCALAR_UNROLL_MAX = 6  # up to this size, factor entry by entry (closed forms on whole batches)
 
 

@@ -386,9 +386,10 @@ class MixedLM:
         NaN in a column drops those rows for that model only (``n_dropped`` in the
         results).  ``batch_size`` chunks the model axis to bound memory (one
         compiled program for all chunks), with a progress bar when interactive
-        (``progress``); with several devices each chunk is sharded across them.  Returns a :class:`mixedjax.batch.BatchResults` with arrays over
-        the model axis (``fe_params [M, p]``, ``cov_re [M, q, q]``, ``llf``,
-        ``converged``, ...), ``to_frame()`` and ``result_for(m)``.
+        (``progress``); with several devices each chunk is sharded across them.
+        Returns a :class:`mixedjax.batch.BatchResults` with arrays over the model
+        axis (``fe_params [M, p]``, ``cov_re [M, q, q]``, ``llf``, ``converged``,
+        ...), ``to_frame()`` and ``result_for(m)``.
 
         Examples
         --------
