@@ -536,3 +536,101 @@ class InferenceMixin:
         from .predict import condvar_frame
 
         return condvar_frame(self)
+
+    # ------------------------------------------------------------------- profile likelihood, bootstrap
+    def conf_int_lme4(self, method: str = "profile", alpha: float = 0.05, **kwargs: Any) -> pd.DataFrame:
+        """Confidence intervals on lme4's scale and rows: ``sd_<term>|<group>``, ``cor_<t1>.<t2>|<group>``,
+        ``sigma``, then the fixed effects (lme4's ``confint``); columns ``2.5 %`` and ``97.5 %``.
+
+        ``method="profile"``: profile likelihood of the ML fit (a REML fit is refitted
+        by ML first, as lme4), :mod:`mixedjax.profile`.  ``method="boot"``: percentile
+        intervals of a parametric bootstrap (``n``, ``seed`` passed on to :meth:`bootstrap`).
+        ``method="wald"``: Wald intervals of the fixed effects only (lme4 gives NA for the rest).
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> r = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days").fit()
+        >>> ci = r.conf_int(method="profile")
+        >>> [round(v, 3) for v in ci.loc["sigma"]]
+        [22.898, 28.858]
+        """
+        if method == "profile":
+            from .profile import profile_conf_int
+
+            return profile_conf_int(self, alpha=alpha, **kwargs).conf_int
+        if method in ("boot", "bootstrap"):
+            return self.bootstrap(**kwargs).conf_int(alpha)
+        if method == "wald":
+            z = stats.norm.ppf(1 - alpha / 2)
+            fe, se = self.fe_params.to_numpy(), self.bse_fe.to_numpy()
+            names = ["(Intercept)" if n == "Intercept" else n for n in self.fe_params.index]
+            return pd.DataFrame({f"{100 * alpha / 2:g} %": fe - z * se, f"{100 * (1 - alpha / 2):g} %": fe + z * se},
+                                index=names)
+        raise ValueError(f"method must be 'wald', 'profile' or 'boot', got {method!r}")
+
+    def profile_re(self, re_ix: Any, vtype: str, num_low: int = 5, dist_low: float = 1.0, num_high: int = 5,
+                   dist_high: float = 1.0) -> np.ndarray:
+        """statsmodels' ``profile_re``: the profile log-likelihood of one random-effects variance on a grid.
+
+        Returns an ``(num_low + num_high + 1, 2)`` array: the variance (natural scale)
+        and the profile log-likelihood (this fit's criterion, REML or ML) with every
+        other parameter re-estimated.  ``re_ix`` indexes ``exog_re`` (``vtype="re"``) or
+        names a variance component (``vtype="vc"``); the grid runs from
+        ``var − dist_low`` to ``var + dist_high``.  All grid points are fitted in one
+        vmapped call (:func:`mixedjax.profile.profile_re`).
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> d = mixedjax.datasets.load("dietox")
+        >>> r = mixedjax.mixedlm("Weight ~ Time", d, groups="Pig").fit()
+        >>> pr = r.profile_re(0, "re", dist_low=10.0, dist_high=10.0)
+        >>> pr.shape, bool(abs(pr[5, 1] - r.llf) < 1e-6)
+        ((11, 2), True)
+        """
+        from .profile import profile_re
+
+        return profile_re(self, re_ix, vtype, num_low, dist_low, num_high, dist_high)
+
+    def simulate(self, n: int = 1, seed: Any = 0) -> np.ndarray:
+        """``n`` responses simulated from the fitted model, ``(nobs, n)`` in the model's row order.
+
+        ``y* = X β̂ + Z b* + ε*`` with new random effects ``b* ~ N(0, cov_re)`` and
+        residuals ``ε* ~ N(0, scale / w)`` (lme4's ``simulate(use.u = FALSE)``);
+        JAX's PRNG, so a seed (an int or a ``jax.random`` key) reproduces the draws.
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> r = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject").fit()
+        >>> r.simulate(3, seed=1).shape
+        (180, 3)
+        """
+        from .bootstrap import simulate
+
+        return simulate(self, n, seed)
+
+    def bootstrap(self, n: int = 1000, seed: Any = 0, maxiter: int = 200, gtol: float = 1e-6,
+                  em_iter: int = 10) -> Any:
+        """Parametric bootstrap: simulate ``n`` responses and refit them all in one jitted, vmapped call.
+
+        Each replicate is refitted by this fit's criterion (REML or ML), starting at
+        the estimate.  Returns a :class:`mixedjax.bootstrap.BootstrapResults` with
+        ``replicates`` (a tidy DataFrame: one row per replicate, lme4-scale columns),
+        ``conf_int(alpha)`` (percentile intervals, lme4's rows), ``bias()``, ``n_failed``.
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> r = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days").fit()
+        >>> b = r.bootstrap(n=32, seed=1)
+        >>> b.replicates.shape, b.n_failed
+        ((32, 8), 0)
+        """
+        from .bootstrap import bootstrap
+
+        return bootstrap(self, n=n, seed=seed, maxiter=maxiter, gtol=gtol, em_iter=em_iter)

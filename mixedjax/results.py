@@ -243,8 +243,14 @@ class MixedLMResults(InferenceMixin):
         """Two-sided normal p-values of ``tvalues`` (statsmodels' convention)."""
         return pd.Series(2 * stats.norm.sf(np.abs(self.tvalues.to_numpy())), index=self.params.index)
 
-    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Wald confidence intervals ``params ± z_{1-alpha/2} bse`` for every row of ``params``."""
+    def conf_int(self, alpha: float = 0.05, method: str = "wald", **kwargs: Any) -> pd.DataFrame:
+        """Wald confidence intervals ``params ± z_{1-alpha/2} bse`` for every row of ``params``.
+
+        ``method="profile"`` (lme4's profile intervals) or ``"boot"`` (parametric
+        bootstrap percentiles) give lme4's rows instead: see :meth:`conf_int_lme4`.
+        """
+        if method != "wald":
+            return self.conf_int_lme4(method, alpha, **kwargs)
         z = stats.norm.ppf(1 - alpha / 2)
         lo = self.params - z * self.bse
         hi = self.params + z * self.bse
