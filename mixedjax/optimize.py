@@ -163,12 +163,7 @@ def minimize(
     i32 = jnp.int32
 
     def trial_point(s: _State) -> Array:
-        if has_warm:
-            xw = lax.cond(s.phase == _WARM, warm_step, lambda x: x, s.x)
-        else:
-            xw = s.x
-        step = s.x + s.t * s.d
-        return jnp.where(s.phase == _INIT, s.x, jnp.where(s.phase == _WARM, xw, step))
+        return jnp.where(s.phase == _INIT, s.x, s.x + s.t * s.d)
 
     def body(s: _State) -> _State:
         xt = trial_point(s)
@@ -178,20 +173,11 @@ def minimize(
 
         # -- INIT: take the start, or fail
         init_next = s._replace(
-            x=xt, f=ft, g=gt, f0=ft, d=-gt, t=jnp.asarray(1.0, dtype),
+            x=xt, f=ft, g=gt, d=-gt,
+            t=jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.linalg.norm(gt), 1e-300)).astype(dtype),
             phase=jnp.where(~finite, _DONE, jnp.where(_gnorm(gt) <= gtol, _POLISH if True else _DONE,
-                                                      _WARM if has_warm else _BFGS)).astype(i32),
+                                                      _BFGS)).astype(i32),
             code=jnp.where(~finite, Result.NONFINITE, -1).astype(i32),
-        )
-
-        # -- WARM: keep EM steps while they decrease f appreciably
-        w_ok = finite & (ft <= s.f)
-        w_more = w_ok & (s.f - ft > warm_rtol * (1.0 + jnp.abs(s.f))) & (s.n_warm + 1 < n_warm)
-        wx, wf, wg = (jnp.where(w_ok, xt, s.x), jnp.where(w_ok, ft, s.f), jnp.where(w_ok, gt, s.g))
-        warm_next = s._replace(
-            x=wx, f=wf, g=wg, n_warm=s.n_warm + 1, d=_direction(s.hinv, wg),
-            t=jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.linalg.norm(wg), 1e-300)).astype(dtype),
-            phase=jnp.where(w_more, _WARM, _BFGS).astype(i32),
         )
 
         # -- BFGS: backtracking Armijo line search along d
@@ -236,7 +222,7 @@ def minimize(
             t=jnp.asarray(1.0, dtype), first=s.first & ~p_ok, n_polish=s.n_polish + 1,
             phase=jnp.where(p_more, _POLISH, _DONE).astype(i32),
         )
-        branches = [init_next, warm_next, bfgs_next, polish_next]
+        branches = [init_next, init_next, bfgs_next, polish_next]  # phase 1 (warm) runs before the loop
         out = branches[0]
         for ph_id, br in enumerate(branches[1:], start=1):
             out = jax.tree.map(lambda a, b, ph_id=ph_id: jnp.where(s.phase == ph_id, b, a), out, br)
@@ -245,12 +231,33 @@ def minimize(
     def cond(s: _State) -> Array:
         return s.phase != _DONE
 
+    # ---- warm start: its own loop, so the main loop never evaluates warm_step (under vmap a branch
+    # taken by any lane is computed for all) and the warm loop needs values only, no gradients
+    f_start = fun(x0)
+    if has_warm:
+
+        def warm_cond(c):
+            return c[3]
+
+        def warm_body(c):
+            x, f, i, _ = c
+            xn = warm_step(x)
+            fn = fun(xn)
+            ok = jnp.isfinite(fn) & jnp.all(jnp.isfinite(xn)) & (fn <= f)
+            more = ok & (f - fn > warm_rtol * (1.0 + jnp.abs(f))) & (i + 1 < n_warm)
+            return (jnp.where(ok, xn, x), jnp.where(ok, fn, f), i + 1, more)
+
+        x_warm, _, n_warm_done, _ = lax.while_loop(
+            warm_cond, warm_body, (x0, f_start, jnp.asarray(0, i32), jnp.isfinite(f_start)))
+    else:
+        x_warm, n_warm_done = x0, jnp.asarray(0, i32)
+
     zero = jnp.asarray(0.0, dtype)
     s0 = _State(
-        x=x0, f=zero, g=jnp.zeros_like(x0), hinv=jnp.eye(k, dtype=dtype), d=jnp.zeros_like(x0),
+        x=x_warm, f=zero, g=jnp.zeros_like(x0), hinv=jnp.eye(k, dtype=dtype), d=jnp.zeros_like(x0),
         t=jnp.asarray(1.0, dtype), phase=jnp.asarray(_INIT, i32), first=jnp.array(True),
-        n_iter=jnp.asarray(0, i32), n_warm=jnp.asarray(0, i32), n_polish=jnp.asarray(0, i32),
-        n_eval=jnp.asarray(0, i32), code=jnp.asarray(-1, i32), f0=zero,
+        n_iter=jnp.asarray(0, i32), n_warm=n_warm_done, n_polish=jnp.asarray(0, i32),
+        n_eval=n_warm_done + 1, code=jnp.asarray(-1, i32), f0=f_start,
     )
     s = lax.while_loop(cond, body, s0)
     gn = _gnorm(s.g)
