@@ -371,6 +371,32 @@ def conditional_modes(theta: Array, data: CrossedData, st: CrossedStructure, rem
     return [u1 @ ts[0].T] + out
 
 
+def loglike_natural(vparams: Array, beta: Array, data: CrossedData, st: CrossedStructure,
+                    reml: bool | Array) -> Array:
+    """Log-likelihood at natural-scale ``vparams`` (each term's covariance lower triangle, row-major, then
+    the residual variance) and given β (not profiled): the function behind the standard errors of the variances.
+    """
+    scale = vparams[-1]
+    thetas, off = [], 0
+    for q in st.qs:
+        n = q * (q + 1) // 2
+        r, c = np.tril_indices(q)
+        cov = jnp.zeros((q, q), vparams.dtype).at[r, c].set(vparams[off : off + n]).at[c, r].set(
+            vparams[off : off + n]) / scale
+        t = jnp.sqrt(cov) if q == 1 else cholesky(cov, semidefinite=True)
+        thetas.append(t[r, c])
+        off += n
+    ne = normal_equations(factor(jnp.concatenate(thetas), data, st), data)
+    p = ne.a.shape[0]
+    r2 = ne.yy - 2.0 * jnp.dot(ne.b, beta) + beta @ ne.a @ beta
+    is_reml = jnp.asarray(reml, dtype=r2.dtype)
+    df = data.nobs - p * is_reml
+    dev = ne.logdet_v + df * (jnp.log(2.0 * jnp.pi) + jnp.log(scale)) + r2 / scale
+    return -0.5 * (dev + is_reml * logdet_from_cholesky(cholesky(ne.a)))
+
+
+# reverse over reverse: the dense block's custom reverse rule has no forward-mode rule
+_info_jit = jax.jit(jax.jacrev(jax.grad(loglike_natural)), static_argnames=("st",))
 _profile_jit = jax.jit(profile_crossed, static_argnames=("st",))
 _modes_jit = jax.jit(conditional_modes, static_argnames=("st",))
 deviance_crossed_jit = jax.jit(deviance_crossed, static_argnames=("st",))
@@ -495,8 +521,9 @@ class CrossedResults(LmerResults):
     ``cov_re`` is the covariance of the first term (the factor with most levels),
     ``vcomp`` the variances on the diagonal of every other term (``varcorr()``
     order); ``cov_terms`` and ``varcorr()`` give every term.  Standard errors of the
-    variance parameters and conditional variances are not computed for crossed
-    models (NaN / not available).
+    variances (``bse_re``) come from the observed information of the (restricted)
+    likelihood, as on the per-group path; conditional variances of the random
+    effects are not computed for crossed models.
     """
 
     def __init__(self, model: CrossedLM, theta: np.ndarray, sol: Any, reml: bool) -> None:
@@ -574,8 +601,16 @@ class CrossedResults(LmerResults):
 
     @functools.cached_property
     def _cov_var_natural(self) -> np.ndarray:
-        k = len(self.params) - self.k_fe
-        return np.full((k, k), np.nan)
+        """Inverse observed information of the natural-scale variances (every term's covariance, then scale)."""
+        m = self.model
+        v = np.concatenate([c[np.tril_indices(c.shape[0])] for c in self._covs] + [[self.scale]])
+        with _single_threaded_lapack():
+            h = np.asarray(_info_jit(jnp.asarray(v), jnp.asarray(self.fe_params.to_numpy()), m._data, m.structure,
+                                     self.reml))
+        k = len(v) - 1
+        if not np.all(np.isfinite(h)) or np.linalg.eigvalsh(-h).min() <= 0:
+            return np.full((k, k), np.nan)
+        return np.linalg.inv(-h)[:k, :k]
 
     @property
     def random_effects_cov(self) -> dict:

@@ -171,3 +171,18 @@ def test_random_slope_crossed_blups_and_layout():
             rows = t.codes == lev
             lhs = t.z[rows].T @ resid[rows] / res.scale
             np.testing.assert_allclose(lhs, np.linalg.solve(cov, b[lev]), rtol=1e-6, atol=1e-8)
+
+
+def test_nested_model_through_crossed_path_equals_per_group_path():
+    """Pastes (1 | batch/cask) forced through the blocked Cholesky: same fit, BLUPs and variance SEs as per group."""
+    d = mixedjax.datasets.load("pastes")
+    per_group = mixedjax.lmer("strength ~ 1 + (1 | batch/cask)", d)
+    res = _model("strength ~ 1 + (1 | batch/cask)", d).fit()
+    assert res.llf == pytest.approx(per_group.llf, abs=1e-8)
+    np.testing.assert_allclose(res.varcorr().vcov, per_group.varcorr().vcov, rtol=1e-6)
+    for name, df in per_group.random_effects.items():
+        np.testing.assert_allclose(res.random_effects[name].loc[df.index].to_numpy(), df.to_numpy(), atol=1e-6)
+    # observed-information standard errors of (cask:batch, batch) variances, both paths
+    got = res.bse_re.to_numpy()
+    want = per_group.bse_re.to_numpy()[::-1]  # per group: batch (the group) first, then cask:batch
+    np.testing.assert_allclose(got, want, rtol=1e-5)

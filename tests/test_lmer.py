@@ -148,3 +148,12 @@ def test_nested_equals_vc_formula(method):
     for cm in load_case(f"pastes_{method.lower()}")["results"]["lme4"]["conditional_modes"]:
         got = re[cm["group"]].loc[cm["levels"]].to_numpy().ravel()
         np.testing.assert_allclose(got, np.ravel(cm["conditional_mode"]), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["mixedjax.lmer", "mixedjax.crossed", "mixedjax.residuals"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
