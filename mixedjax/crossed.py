@@ -27,11 +27,8 @@ row-major).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import warnings
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -41,6 +38,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from jax import Array
+from threadpoolctl import threadpool_limits
 
 from .likelihood import Normal, profile_normal
 from .linalg import cholesky, logdet_from_cholesky, solve_lower, solve_upper_t
@@ -419,32 +417,15 @@ def fit_crossed(theta0: Array, data: CrossedData, st: CrossedStructure, reml: bo
                         grad_norm=sol.grad_norm * c, evaluations=sol.evaluations + 1)
 
 
-@contextlib.contextmanager
-def _single_threaded_lapack():
+def _single_threaded_lapack() -> threadpool_limits:
     """Run jaxlib's LAPACK calls (scipy's OpenBLAS) on one thread while XLA uses the cores.
 
     jaxlib calls LAPACK through scipy's bundled OpenBLAS, whose worker threads spin while
     waiting; next to XLA's own thread pool they oversubscribe the cores.  Measured on
     InstEval (2 cores): one fit 62 s with OpenBLAS's default threads, 11 s with one thread.
-    The previous setting is restored afterwards; without that OpenBLAS this does nothing.
+    threadpoolctl restores the previous setting when the block ends.
     """
-    lib = None
-    try:
-        import scipy
-
-        libdir = Path(scipy.__file__).parent.parent / "scipy.libs"
-        found = sorted(libdir.glob("libscipy_openblas*.so*"))
-        if found:
-            lib = ctypes.CDLL(str(found[0]))
-            before = lib.scipy_openblas_get_num_threads()
-            lib.scipy_openblas_set_num_threads(1)
-    except (OSError, AttributeError):
-        lib = None
-    try:
-        yield
-    finally:
-        if lib is not None:
-            lib.scipy_openblas_set_num_threads(before)
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 class CrossedLM:
