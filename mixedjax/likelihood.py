@@ -86,17 +86,7 @@ def profile_lam(lam: Array, cp: CrossProducts, reml: bool | Array) -> Profiled:
     ``reml`` may be a traced boolean, so one compiled program serves ML and REML.
     """
     gs = solve_groups(lam, cp)
-    ne = normal_equations(gs, cp)
-    p = ne.a.shape[0]
-    chol_a = cholesky(ne.a)
-    u = solve_lower(chol_a, ne.b)
-    beta = solve_upper_t(chol_a, u)
-    r2 = ne.yy - jnp.dot(u, u)
-    is_reml = jnp.asarray(reml, dtype=r2.dtype)
-    df = cp.nobs - p * is_reml
-    sigma2 = r2 / df
-    deviance = ne.logdet_v + df * (1.0 + LOG_2PI + jnp.log(sigma2)) + is_reml * logdet_from_cholesky(chol_a)
-    return Profiled(deviance, beta, sigma2, r2, chol_a, ne, gs)
+    return profile_normal(normal_equations(gs, cp), cp.nobs, reml)._replace(groups=gs)
 
 
 def profile_normal(ne: Normal, nobs: Array, reml: bool | Array) -> Profiled:
