@@ -74,6 +74,8 @@ class Satterthwaite:
     """Satterthwaite's approximation at a fit; see the module docstring.  Build with :func:`satterthwaite`."""
 
     def __init__(self, res: MixedLMResults) -> None:
+        if getattr(res, "residual_params", np.zeros(0)).size:
+            raise NotImplementedError("Satterthwaite df are implemented for iid (optionally weighted) residuals only")
         st = res.model.structure
         cp = _cp_of(res)
         vp = jnp.asarray(np.concatenate([res.theta, [np.sqrt(res.scale)]]))

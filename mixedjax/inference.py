@@ -119,7 +119,7 @@ def parse_constraints(spec: str, names: list[str]) -> tuple[np.ndarray, np.ndarr
         if not np.any(lin.coef):
             raise ValueError(f"constraint {part.strip()!r} involves no parameter; parameters are {names}")
         rows.append(lin.coef)
-        rhs.append(-lin.const)
+        rhs.append(0.0 - lin.const)
     if not rows:
         raise ValueError(f"no constraint in {spec!r}")
     return np.array(rows), np.array(rhs)
@@ -330,6 +330,13 @@ def compare_lr_test(small: MixedLMResults, large: MixedLMResults, refit: bool = 
     return anova(small, large, refit=refit, names=["small", "large"])
 
 
+def require_grouped(res: Any, what: str) -> None:
+    """``NotImplementedError`` for models without the per-group layout (crossed random effects)."""
+    if not hasattr(res.model, "_padded"):
+        raise NotImplementedError(f"{what} is not implemented for crossed random effects (several grouping "
+                                  "factors) yet; Wald and likelihood-ratio tests are")
+
+
 # ------------------------------------------------------------------------------------------------ mixin
 class InferenceMixin:
     """Inference methods of :class:`mixedjax.MixedLMResults`."""
@@ -390,6 +397,7 @@ class InferenceMixin:
         if method == "kenward-roger":
             from .ddf import kenward_roger
 
+            require_grouped(self, "Kenward-Roger")
             cov = kenward_roger(self).cov_adjusted
         else:
             cov = self._cov_fe
@@ -411,6 +419,7 @@ class InferenceMixin:
     def _ddf_rows(self, r: np.ndarray, method: str) -> np.ndarray:
         from .ddf import kenward_roger, satterthwaite
 
+        require_grouped(self, "small-sample df")
         if method == "satterthwaite":
             return np.array([satterthwaite(self).ddf(row) for row in r])
         kr = kenward_roger(self)
@@ -430,6 +439,7 @@ class InferenceMixin:
         if method == "kenward-roger":
             from .ddf import kenward_roger
 
+            require_grouped(self, "Kenward-Roger")
             kr = kenward_roger(self)
             cov = kr.cov_adjusted
         else:
@@ -449,6 +459,7 @@ class InferenceMixin:
         elif method == "satterthwaite":
             from .ddf import satterthwaite
 
+            require_grouped(self, "small-sample df")
             df2 = satterthwaite(self).ddf_multi(r)
         else:  # lmerTest's KR F: adjusted covariance, pbkrtest's df, no F scaling
             df2 = kr.ddf(r)
@@ -559,6 +570,7 @@ class InferenceMixin:
         if method == "profile":
             from .profile import profile_conf_int
 
+            require_grouped(self, "the profile likelihood")
             return profile_conf_int(self, alpha=alpha, **kwargs).conf_int
         if method in ("boot", "bootstrap"):
             return self.bootstrap(**kwargs).conf_int(alpha)
@@ -592,6 +604,7 @@ class InferenceMixin:
         """
         from .profile import profile_re
 
+        require_grouped(self, "profile_re")
         return profile_re(self, re_ix, vtype, num_low, dist_low, num_high, dist_high)
 
     def simulate(self, n: int = 1, seed: Any = 0) -> np.ndarray:

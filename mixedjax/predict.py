@@ -140,9 +140,10 @@ def predict(res: MixedLMResults, exog: Any = None, conditional: bool = False, se
 
 def _conditional_part(res: MixedLMResults, data: pd.DataFrame) -> np.ndarray:
     """``z b̂_g`` per row of new data; 0 for groups (and nested levels) the model has not seen."""
+    from .inference import require_grouped
+
     m = res.model
-    if hasattr(m, "lmer_terms") and len(getattr(m, "lmer_terms", [])) and getattr(m, "_crossed", False):
-        raise NotImplementedError("conditional prediction is not implemented for crossed random effects")
+    require_grouped(res, "conditional prediction")
     gname = m.group_name
     if gname not in data.columns:
         raise ValueError(f"conditional predictions need the group column {gname!r} in the new data")
@@ -157,7 +158,8 @@ def _conditional_part(res: MixedLMResults, data: pd.DataFrame) -> np.ndarray:
         elif m.k_re == 1 and list(m.exog_re_names) == ["Group"]:
             z_re = np.ones((len(data), 1))
         else:
-            raise ValueError("the random-effects design of this model cannot be rebuilt for new data")
+            raise NotImplementedError("conditional prediction for new data needs the random-effects design's "
+                                      "formula spec (mixedlm stores it; lmer models do not yet): use mixedlm")
         out[known] += np.einsum("nq,nq->n", z_re[known], b[codes[known], : m.k_re])
     off = m.k_re
     for v in m._vcs:

@@ -183,3 +183,27 @@ def test_satterthwaite_contrast_and_f():
     assert abs(f.fvalue - t.tvalue[0] ** 2) <= 1e-8 * f.fvalue and abs(f.df_denom - t.df_denom[0]) < 1e-8
     with pytest.raises(ValueError, match="ddf"):
         res.t_test("Time = 7", ddf="wrong")
+
+
+def test_crossed_models_get_lrt_and_clear_errors_elsewhere():
+    d = mixedjax.datasets.load("penicillin")
+    big = mixedjax.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", d)  # the same program as test_crossed
+    small = mixedjax.lmer("diameter ~ 1 + (1 | plate)", d)
+    t = mixedjax.anova(small, big)
+    assert int(t["Df"].iloc[1]) == 1 and t["Chisq"].iloc[1] > 0
+    assert abs(big.t_test("Intercept = 23").tvalue[0] - (big.fe_params.iloc[0] - 23) / big.bse_fe.iloc[0]) < 1e-9
+    for call in (lambda: big.fe_table("satterthwaite"), lambda: big.conf_int(method="profile"),
+                 lambda: big.bootstrap(n=32), lambda: big.predict(d, conditional=True)):
+        with pytest.raises(NotImplementedError, match="crossed"):
+            call()
+
+
+@pytest.mark.parametrize("name", ["mixedjax.inference", "mixedjax.ddf", "mixedjax.predict", "mixedjax.profile",
+                                  "mixedjax.bootstrap"])
+def test_docstring_examples(name):
+    """The docstring examples of the inference modules (tests/test_doctests.py covers the others)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
