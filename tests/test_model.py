@@ -12,7 +12,7 @@ import pytest
 
 import mixedjax
 from mixedjax.data import cross_products
-from mixedjax.model import fit_theta
+from mixedjax.model import _fit_theta_single, fit_theta
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +182,10 @@ def test_exog_vc_dict_equals_vc_formula():
 def test_repeat_fit_reuses_compiled_code():
     data = mixedjax.datasets.load("sleepstudy")
     mixedjax.mixedlm("Reaction ~ Days", data, groups="Subject", re_formula="~Days").fit()
-    before = fit_theta._cache_size()
+    before = _fit_theta_single._cache_size()
     new = data.assign(Reaction=data.Reaction + np.random.default_rng(0).normal(0, 5, len(data)))
     mixedjax.mixedlm("Reaction ~ Days", new, groups="Subject", re_formula="~Days").fit()
-    assert fit_theta._cache_size() == before
+    assert _fit_theta_single._cache_size() == before
 
 
 def test_agrees_with_statsmodels_where_it_converges():
