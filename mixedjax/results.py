@@ -474,8 +474,8 @@ class LmerResults(MixedLMResults):
         lines.append(f"  Residual{'':<16}{self.scale:>12.4f}{np.sqrt(self.scale):>12.4f}")
         return "\n".join(lines)
 
-    def summary(self, alpha: float = 0.05) -> Summary:
+    def summary(self, alpha: float = 0.05, ddf: str | None = None) -> Summary:
         """statsmodels' layout, then one block per random-effects term (lme4's VarCorr)."""
-        s = super().summary(alpha)
+        s = super().summary(alpha, ddf=ddf)
         s.extra = self._terms_text() + ("\n" + s.extra if s.extra else "")
         return s

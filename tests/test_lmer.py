@@ -157,3 +157,10 @@ def test_docstring_examples(name):
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
+
+
+def test_lmer_summary_with_small_sample_df():
+    d = mixedjax.datasets.load("sleepstudy")
+    r = mixedjax.lmer("Reaction ~ Days + (Days | Subject)", d)
+    text = str(r.summary(ddf="satterthwaite"))
+    assert "Random effects (one block per term)" in text and "17.000" in text
