@@ -27,7 +27,7 @@ from jax import Array
 
 from .covariance import CovStructure, lam_from_profile_jax, lam_from_theta, profile_from_packed_jax
 from .data import CrossProducts
-from .linalg import cholesky, logdet_from_cholesky, solve_lower, solve_upper_t
+from .linalg import SCALAR_UNROLL_MAX, cholesky, logdet_from_cholesky, solve_lower, solve_upper_t
 
 LOG_2PI = float(jnp.log(2.0 * jnp.pi))
 
@@ -61,9 +61,47 @@ class Profiled(NamedTuple):
     groups: GroupSolve
 
 
+def _entries_solve(lam: Array, cp: CrossProducts) -> GroupSolve:
+    """:func:`solve_groups` for small ``q``, one (G,) array per matrix entry.
+
+    Written as elementwise products and sums over the (static) entries of the
+    q x q matrices, so that both the evaluation and its reverse-mode derivative
+    are fused elementwise loops over groups (and over models under ``vmap``);
+    ``einsum`` on 2 x 2 blocks becomes many tiny matrix products on CPU.
+    """
+    q = lam.shape[0]
+    ztz = [[cp.ztz[..., j, k] for k in range(q)] for j in range(q)]
+    lt = [[lam[j, i] for j in range(q)] for i in range(q)]  # Λᵀ entries
+    # M = Λᵀ ZᵀZ Λ + I, lower triangle; t = Λᵀ ZᵀZ
+    t = [[sum(lt[i][j] * ztz[j][k] for j in range(q)) for k in range(q)] for i in range(q)]
+    ent: list[list[Array]] = [[None] * q for _ in range(q)]  # type: ignore[list-item]
+    for i in range(q):
+        for j in range(i + 1):
+            s = sum(t[i][k] * lam[k, j] for k in range(q)) + (1.0 if i == j else 0.0)
+            for m in range(j):
+                s = s - ent[i][m] * ent[j][m]
+            ent[i][j] = jnp.sqrt(s) if i == j else s / ent[j][j]
+    c: list[Array] = []
+    d: list[Array] = []
+    for i in range(q):
+        ci = sum(lt[i][j] * cp.ztx[..., j, :] for j in range(q))
+        di = sum(lt[i][j] * cp.zty[..., j] for j in range(q))
+        for m in range(i):
+            ci = ci - ent[i][m][..., None] * c[m]
+            di = di - ent[i][m] * d[m]
+        c.append(ci / ent[i][i][..., None])
+        d.append(di / ent[i][i])
+    zero = jnp.zeros_like(ent[0][0])
+    chol = jnp.stack([jnp.stack([ent[i][j] if j <= i else zero for j in range(q)], axis=-1) for i in range(q)],
+                     axis=-2)
+    return GroupSolve(chol, jnp.stack(c, axis=-2), jnp.stack(d, axis=-1))
+
+
 def solve_groups(lam: Array, cp: CrossProducts) -> GroupSolve:
     """Per-group Cholesky of ``I + Λᵀ Z_iᵀ Z_i Λ`` and the triangular solves of Woodbury."""
     q = lam.shape[0]
+    if q <= SCALAR_UNROLL_MAX:
+        return _entries_solve(lam, cp)
     lzzl = jnp.einsum("ji,gjk,kl->gil", lam, cp.ztz, lam)
     chol = cholesky(lzzl + jnp.eye(q, dtype=lam.dtype))
     c = solve_lower(chol, jnp.einsum("ji,gjp->gip", lam, cp.ztx))
@@ -72,9 +110,9 @@ def solve_groups(lam: Array, cp: CrossProducts) -> GroupSolve:
 
 
 def normal_equations(gs: GroupSolve, cp: CrossProducts) -> Normal:
-    """Sum the per-group Woodbury pieces into the GLS normal equations."""
-    a = jnp.sum(cp.xtx, axis=0) - jnp.einsum("gqi,gqj->ij", gs.c, gs.c)
-    b = jnp.sum(cp.xty, axis=0) - jnp.einsum("gqi,gq->i", gs.c, gs.d)
+    """Sum the per-group Woodbury pieces into the GLS normal equations (broadcast sums, no tiny matmuls)."""
+    a = jnp.sum(cp.xtx, axis=0) - jnp.sum(gs.c[..., :, None] * gs.c[..., None, :], axis=(0, 1))
+    b = jnp.sum(cp.xty, axis=0) - jnp.sum(gs.c * gs.d[..., None], axis=(0, 1))
     yy = jnp.sum(cp.yty) - jnp.sum(gs.d * gs.d)
     logdet_v = jnp.sum(logdet_from_cholesky(gs.chol)) - cp.sum_logw
     return Normal(a, b, yy, logdet_v)
@@ -126,6 +164,60 @@ def deviance(theta: Array, cp: CrossProducts, structure: CovStructure, reml: boo
     True
     """
     return profile(theta, cp, structure, reml).deviance
+
+
+def deviance_and_grad(
+    theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool | Array
+) -> tuple[Array, Array]:
+    """Profiled deviance and its gradient in θ, the gradient in closed form (no reverse-mode pass).
+
+    With ``V_i = I + Z_i Λ Λᵀ Z_iᵀ`` (relative to σ²), residuals ``r_i = y_i − X_i β̂`` and
+    ``df = n − p·reml``, differentiating ``log|V| + reml·log|A| + df·log r²`` (β̂ is optimal,
+    so it does not move the first order) gives ``∂D/∂Λ = 2 H Λ`` with
+
+        H = Σ_i Z_iᵀ Q_i Z_i,  Q_i = V_i⁻¹ − reml·V_i⁻¹X_i A⁻¹X_iᵀV_i⁻¹ − (df/r²)·V_i⁻¹r_i r_iᵀV_i⁻¹
+
+    (Lindstrom & Bates 1988, in the relative-factor parameterisation), and every
+    piece of ``Z_iᵀ Q_i Z_i`` comes from q x q cross-products through Woodbury:
+    with ``E_i = L_i⁻¹ Λᵀ Z_iᵀZ_i``, ``Z_iᵀV_i⁻¹Z_i = Z_iᵀZ_i − E_iᵀE_i``,
+    ``Z_iᵀV_i⁻¹X_i = Z_iᵀX_i − E_iᵀc_i`` and ``Z_iᵀV_i⁻¹r_i = Z_iᵀy_i − E_iᵀd_i − (Z_iᵀV_i⁻¹X_i) β̂``.
+    One pass over the groups after the value: the optimiser's gradient costs about
+    twice an evaluation, where reverse-mode autodiff of the unrolled algebra costs
+    ten times (and compiles far more slowly).  Agrees with ``jax.grad(deviance)``
+    (``tests/test_likelihood.py``).
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> from mixedjax.data import GroupedData, cross_products
+    >>> from mixedjax.covariance import CovStructure
+    >>> y = jnp.array([[1.0, 2.0], [3.0, 5.0], [0.5, 0.0]])
+    >>> d = GroupedData(y, jnp.ones((3, 2, 1)), jnp.ones((3, 2, 1)), jnp.ones((3, 2)), jnp.ones((3, 2)))
+    >>> cp, st, th = cross_products(d), CovStructure(q_re=1), jnp.array([0.7])
+    >>> f, g = deviance_and_grad(th, cp, st, reml=True)
+    >>> bool(jnp.allclose(g, jax.grad(deviance)(th, cp, st, True)))
+    True
+    """
+    lam = lam_from_theta(theta, structure)
+    gs = solve_groups(lam, cp)
+    pr = profile_normal(normal_equations(gs, cp), cp.nobs, reml)
+    p = pr.beta.shape[0]
+    is_reml = jnp.asarray(reml, dtype=theta.dtype)
+    df = cp.nobs - p * is_reml
+    ztz = cp.ztz
+    k = jnp.sum(lam.T[None, :, :, None] * ztz[:, None, :, :], axis=2)               # Λᵀ ZᵀZ   (G, q, q)
+    e = solve_lower(gs.chol, k)                                                       # L⁻¹ Λᵀ ZᵀZ
+    pz = ztz - jnp.sum(e[:, :, :, None] * e[:, :, None, :], axis=1)                   # Zᵀ V⁻¹ Z
+    rz = cp.ztx - jnp.sum(e[:, :, :, None] * gs.c[:, :, None, :], axis=1)             # Zᵀ V⁻¹ X (G, q, p)
+    sz = cp.zty - jnp.sum(e * gs.d[:, :, None], axis=1) - jnp.sum(rz * pr.beta, axis=-1)  # Zᵀ V⁻¹ r
+    ainv = solve_upper_t(pr.chol_a, solve_lower(pr.chol_a, jnp.eye(p, dtype=theta.dtype)))
+    ra = jnp.sum(rz[:, :, :, None] * ainv[None, None, :, :], axis=2)                  # Zᵀ V⁻¹ X A⁻¹
+    h = (pz - is_reml * jnp.sum(ra[:, :, None, :] * rz[:, None, :, :], axis=-1)
+         - (df / pr.r2) * sz[:, :, None] * sz[:, None, :])
+    grad_lam = 2.0 * jnp.sum(jnp.sum(h, axis=0)[:, :, None] * lam[None, :, :], axis=1)  # 2 H Λ
+    rows, cols, src = structure.theta_positions()
+    grad = jnp.zeros_like(theta).at[src].add(grad_lam[rows, cols])
+    return pr.deviance, grad
 
 
 def deviance_at(

@@ -14,7 +14,7 @@ from . import formula as fml
 from . import residuals
 from .covariance import CovStructure, normalize_theta, profile_to_theta, unpack_params
 from .data import CrossProducts, GroupedData, bucket, cross_products_jit, group_index, pad_groups
-from .likelihood import em_step, loglike_packed, profile
+from .likelihood import deviance_and_grad, em_step, loglike_packed, profile
 from .optimize import Solution, minimize
 
 
@@ -40,13 +40,17 @@ def _fit_theta(
     def warm(theta):
         return em_step(theta, cp, zmask, structure, reml)
 
-    sol = minimize(objective, theta0, warm_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol)
+    def value_and_grad(theta):
+        return deviance_and_grad(theta, cp, structure, reml)
+
+    sol = minimize(objective, theta0, warm_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol,
+                   value_and_grad=value_and_grad)
     # Near a degenerate boundary the deviance can be quartic in a diagonal entry of Λ, where a small
     # gradient still leaves θ_jj ~ 1e-3 and the deviance ~1e-8 above the boundary optimum: try the
     # boundary itself (lme4 reaches it through its bounds) and keep it unless it is worse.
     small = jnp.asarray(structure.diagonal_theta()) & (jnp.abs(sol.x) < SNAP_TOL)
     snapped = jnp.where(small, 0.0, sol.x)
-    f_snap, g_snap = jax.value_and_grad(objective)(snapped)
+    f_snap, g_snap = value_and_grad(snapped)
     take = jnp.any(small) & jnp.isfinite(f_snap) & (f_snap <= sol.value) & sol.converged
     g_free = jnp.where(small, 0.0, g_snap)  # the gradient of a boundary entry is 0 there by symmetry
     return sol._replace(

@@ -3,7 +3,7 @@
 Knows nothing about mixed models: it minimises a pure scalar function of a
 small parameter vector.  The whole run is a single ``lax.while_loop`` whose body
 evaluates ``value_and_grad`` once (one trace of the objective, so compilation
-stays cheap); it jit-compiles and ``vmap``s, and under ``vmap`` nothing raises:
+stays cheap; a closed-form gradient can be supplied); it jit-compiles and ``vmap``s, and under ``vmap`` nothing raises:
 each lane reports how it ended in :attr:`Solution.result`.
 
 Phases of the loop:
@@ -129,6 +129,7 @@ def minimize(
     max_polish: int = 10,
     ls_steps: int = 40,
     warm_rtol: float = 1e-5,
+    value_and_grad: Callable[[Array], tuple[Array, Array]] | None = None,
 ) -> Solution:
     """Minimise ``fun`` from ``x0``.
 
@@ -140,6 +141,9 @@ def minimize(
     warm_step : callable, optional
         Fixed-point map used for at most ``n_warm`` warm-start iterations, while each
         decreases the objective by more than ``warm_rtol * (1 + |f|)``.
+    value_and_grad : callable, optional
+        ``x -> (fun(x), ∇fun(x))`` when a cheaper gradient than reverse-mode
+        autodiff of ``fun`` is known (default: ``jax.value_and_grad(fun)``).
     maxiter : int
         Maximum BFGS iterations.
     gtol : float
@@ -155,7 +159,8 @@ def minimize(
     >>> [round(float(v), 6) for v in sol.x], bool(sol.converged)
     ([3.0, 3.0], True)
     """
-    value_and_grad = jax.value_and_grad(fun)
+    if value_and_grad is None:
+        value_and_grad = jax.value_and_grad(fun)
     x0 = jnp.asarray(x0)
     k = x0.shape[0]
     dtype = x0.dtype
