@@ -301,12 +301,20 @@ def blups(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool |
 def em_step(
     theta: Array, cp: CrossProducts, zmask: Array, structure: CovStructure, reml: bool | Array
 ) -> Array:
+    """One EM update of θ (Laird & Ware 1982); see :func:`em_update`."""
+    return em_update(theta, cp, zmask, structure, reml)[1]
+
+
+def em_update(
+    theta: Array, cp: CrossProducts, zmask: Array, structure: CovStructure, reml: bool | Array
+) -> tuple[Array, Array]:
     """One EM update of θ (Laird & Ware 1982), β and σ² profiled at the current θ.
 
     E-step: ``E[b_i b_iᵀ | y] = b̂_i b̂_iᵀ + σ² Λ M_i⁻¹ Λᵀ``; M-step: the covariance
     of the correlated block is their mean over groups, each variance component
     the mean over the columns it has in each group (``zmask (G, q)`` marks them).
-    A warm start only: monotone for ML, close to it for REML.
+    A warm start only: monotone for ML, close to it for REML.  Returns the deviance
+    at ``theta`` (computed on the way) and the updated θ.
     """
     lam = lam_from_theta(theta, structure)
     pr = profile_lam(lam, cp, reml)
@@ -330,4 +338,4 @@ def em_step(
         v = jnp.sum(diag2[:, off : off + size] * m) / jnp.maximum(jnp.sum(m), 1.0) / pr.sigma2
         parts.append(jnp.sqrt(v)[None])
         off += size
-    return jnp.concatenate(parts)
+    return pr.deviance, jnp.concatenate(parts)

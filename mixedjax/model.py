@@ -14,7 +14,7 @@ from . import formula as fml
 from . import residuals
 from .covariance import CovStructure, normalize_theta, profile_to_theta, unpack_params
 from .data import CrossProducts, GroupedData, bucket, cross_products_jit, group_index, pad_groups
-from .likelihood import deviance_and_grad, em_step, loglike_packed, profile
+from .likelihood import deviance_and_grad, em_update, loglike_packed, profile
 from .optimize import Solution, minimize
 
 
@@ -38,27 +38,16 @@ def _fit_theta(
         return profile(theta, cp, structure, reml).deviance
 
     def warm(theta):
-        return em_step(theta, cp, zmask, structure, reml)
+        return em_update(theta, cp, zmask, structure, reml)
 
     def value_and_grad(theta):
         return deviance_and_grad(theta, cp, structure, reml)
 
-    sol = minimize(objective, theta0, warm_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol,
-                   value_and_grad=value_and_grad)
     # Near a degenerate boundary the deviance can be quartic in a diagonal entry of Λ, where a small
-    # gradient still leaves θ_jj ~ 1e-3 and the deviance ~1e-8 above the boundary optimum: try the
-    # boundary itself (lme4 reaches it through its bounds) and keep it unless it is worse.
-    small = jnp.asarray(structure.diagonal_theta()) & (jnp.abs(sol.x) < SNAP_TOL)
-    snapped = jnp.where(small, 0.0, sol.x)
-    f_snap, g_snap = value_and_grad(snapped)
-    take = jnp.any(small) & jnp.isfinite(f_snap) & (f_snap <= sol.value) & sol.converged
-    g_free = jnp.where(small, 0.0, g_snap)  # the gradient of a boundary entry is 0 there by symmetry
-    return sol._replace(
-        x=jnp.where(take, snapped, sol.x),
-        value=jnp.where(take, f_snap, sol.value),
-        grad=jnp.where(take, g_free, sol.grad),
-        grad_norm=jnp.where(take, jnp.max(jnp.abs(g_free)), sol.grad_norm),
-    )
+    # gradient still leaves θ_jj ~ 1e-3 and the deviance ~1e-8 above the boundary optimum: the
+    # optimiser tries the boundary itself (lme4 reaches it through its bounds) and keeps it unless worse.
+    return minimize(objective, theta0, warm_value_and_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol,
+                    value_and_grad=value_and_grad, snap=structure.diagonal_theta(), snap_tol=SNAP_TOL)
 
 
 SNAP_TOL = 1e-2  # try diagonal entries of Λ below this at exactly 0 after the fit

@@ -73,7 +73,7 @@ class Solution(NamedTuple):
         return self.result <= Result.NO_PROGRESS
 
 
-_INIT, _WARM, _BFGS, _POLISH, _DONE = 0, 1, 2, 3, 4
+_INIT, _SNAP, _BFGS, _POLISH, _DONE = 0, 1, 2, 3, 4
 
 
 class _State(NamedTuple):
@@ -130,6 +130,9 @@ def minimize(
     ls_steps: int = 40,
     warm_rtol: float = 1e-5,
     value_and_grad: Callable[[Array], tuple[Array, Array]] | None = None,
+    warm_value_and_step: Callable[[Array], tuple[Array, Array]] | None = None,
+    snap: Array | None = None,
+    snap_tol: float = 1e-2,
 ) -> Solution:
     """Minimise ``fun`` from ``x0``.
 
@@ -144,6 +147,14 @@ def minimize(
     value_and_grad : callable, optional
         ``x -> (fun(x), ∇fun(x))`` when a cheaper gradient than reverse-mode
         autodiff of ``fun`` is known (default: ``jax.value_and_grad(fun)``).
+    warm_value_and_step : callable, optional
+        ``x -> (fun(x), warm_step(x))`` in one pass, where the warm step computes
+        the objective anyway (EM does): one evaluation per warm iteration.
+    snap, snap_tol : bool array (k,), float
+        Boundary snap: after convergence, coordinates marked in ``snap`` with
+        ``|x_j| < snap_tol`` are tried at exactly 0 (one more evaluation), kept
+        there unless the objective gets worse; their gradient entries are then
+        reported as 0 (the objective is even in them at 0, for variance factors).
     maxiter : int
         Maximum BFGS iterations.
     gtol : float
@@ -164,11 +175,16 @@ def minimize(
     x0 = jnp.asarray(x0)
     k = x0.shape[0]
     dtype = x0.dtype
-    has_warm = warm_step is not None and n_warm > 0
+    has_warm = (warm_step is not None or warm_value_and_step is not None) and n_warm > 0
+    snap_mask = jnp.zeros(k, bool) if snap is None else jnp.asarray(snap, bool)
+
+    def snappable(x: Array) -> Array:
+        return snap_mask & (jnp.abs(x) < snap_tol)
     i32 = jnp.int32
 
     def trial_point(s: _State) -> Array:
-        return jnp.where(s.phase == _INIT, s.x, s.x + s.t * s.d)
+        return jnp.where(s.phase == _INIT, s.x,
+                         jnp.where(s.phase == _SNAP, jnp.where(snappable(s.x), 0.0, s.x), s.x + s.t * s.d))
 
     def body(s: _State) -> _State:
         xt = trial_point(s)
@@ -183,6 +199,7 @@ def minimize(
             phase=jnp.where(~finite, _DONE, jnp.where(_gnorm(gt) <= gtol, _POLISH if True else _DONE,
                                                       _BFGS)).astype(i32),
             code=jnp.where(~finite, Result.NONFINITE, -1).astype(i32),
+            f0=jnp.where(jnp.isnan(s.f0), ft, s.f0),
         )
 
         # -- BFGS: backtracking Armijo line search along d
@@ -225,9 +242,17 @@ def minimize(
             x=jnp.where(p_ok, xt, s.x), f=jnp.where(p_ok, ft, s.f), g=pg,
             hinv=jnp.where(p_ok, ph, s.hinv), d=_direction(jnp.where(p_ok, ph, s.hinv), pg),
             t=jnp.asarray(1.0, dtype), first=s.first & ~p_ok, n_polish=s.n_polish + 1,
-            phase=jnp.where(p_more, _POLISH, _DONE).astype(i32),
+            phase=jnp.where(p_more, _POLISH, jnp.where(jnp.any(snappable(jnp.where(p_ok, xt, s.x))), _SNAP, _DONE)
+                            ).astype(i32),
         )
-        branches = [init_next, init_next, bfgs_next, polish_next]  # phase 1 (warm) runs before the loop
+
+        # -- SNAP (after convergence): small variance factors tried at exactly 0, kept unless worse
+        s_ok = finite & (ft <= s.f)
+        snap_next = s._replace(
+            x=jnp.where(s_ok, xt, s.x), f=jnp.where(s_ok, ft, s.f),
+            g=jnp.where(s_ok, jnp.where(snappable(s.x), 0.0, gt), s.g), phase=jnp.asarray(_DONE, i32),
+        )
+        branches = [init_next, snap_next, bfgs_next, polish_next]
         out = branches[0]
         for ph_id, br in enumerate(branches[1:], start=1):
             out = jax.tree.map(lambda a, b, ph_id=ph_id: jnp.where(s.phase == ph_id, b, a), out, br)
@@ -237,32 +262,43 @@ def minimize(
         return s.phase != _DONE
 
     # ---- warm start: its own loop, so the main loop never evaluates warm_step (under vmap a branch
-    # taken by any lane is computed for all) and the warm loop needs values only, no gradients
-    f_start = fun(x0)
+    # taken by any lane is computed for all) and the warm loop needs values only, no gradients.
+    # Each pass evaluates f at the candidate and the next candidate; a candidate is accepted while
+    # f does not increase, and the loop goes on while the decrease is appreciable.
+    if warm_value_and_step is None and has_warm:
+
+        def warm_value_and_step(x):
+            return fun(x), warm_step(x)
+
     if has_warm:
+        inf = jnp.asarray(jnp.inf, dtype)
 
         def warm_cond(c):
-            return c[3]
+            return c[5]
 
         def warm_body(c):
-            x, f, i, _ = c
-            xn = warm_step(x)
-            fn = fun(xn)
-            ok = jnp.isfinite(fn) & jnp.all(jnp.isfinite(xn)) & (fn <= f)
-            more = ok & (f - fn > warm_rtol * (1.0 + jnp.abs(f))) & (i + 1 < n_warm)
-            return (jnp.where(ok, xn, x), jnp.where(ok, fn, f), i + 1, more)
+            x_acc, f_acc, x_try, i, f0, _ = c
+            f_try, x_next = warm_value_and_step(x_try)
+            ok = jnp.isfinite(f_try) & (f_try <= f_acc)
+            more = (ok & (f_acc - f_try > warm_rtol * (1.0 + jnp.abs(f_try))) & (i < n_warm)
+                    & jnp.all(jnp.isfinite(x_next)))
+            return (jnp.where(ok, x_try, x_acc), jnp.where(ok, f_try, f_acc), x_next, i + 1,
+                    jnp.where(i == 0, f_try, f0), more)
 
-        x_warm, _, n_warm_done, _ = lax.while_loop(
-            warm_cond, warm_body, (x0, f_start, jnp.asarray(0, i32), jnp.isfinite(f_start)))
+        x_warm, _, _, n_pass, f_start, _ = lax.while_loop(
+            warm_cond, warm_body, (x0, inf, x0, jnp.asarray(0, i32), inf, jnp.array(True)))
+        n_warm_done = jnp.maximum(n_pass - 1, 0).astype(i32)  # the first pass evaluates the start
+        n_eval0 = n_pass
     else:
-        x_warm, n_warm_done = x0, jnp.asarray(0, i32)
+        x_warm, n_warm_done, n_eval0 = x0, jnp.asarray(0, i32), jnp.asarray(0, i32)
+        f_start = jnp.asarray(jnp.nan, dtype)  # set by INIT below
 
     zero = jnp.asarray(0.0, dtype)
     s0 = _State(
         x=x_warm, f=zero, g=jnp.zeros_like(x0), hinv=jnp.eye(k, dtype=dtype), d=jnp.zeros_like(x0),
         t=jnp.asarray(1.0, dtype), phase=jnp.asarray(_INIT, i32), first=jnp.array(True),
         n_iter=jnp.asarray(0, i32), n_warm=n_warm_done, n_polish=jnp.asarray(0, i32),
-        n_eval=n_warm_done + 1, code=jnp.asarray(-1, i32), f0=f_start,
+        n_eval=n_eval0, code=jnp.asarray(-1, i32), f0=f_start,
     )
     s = lax.while_loop(cond, body, s0)
     gn = _gnorm(s.g)
