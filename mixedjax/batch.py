@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .covariance import CovStructure, theta_to_profile
 from .data import GroupedData, cross_products
 from .likelihood import profile
-from .model import fit_theta
+from .model import fit_theta_many
 from .optimize import Result
 
 if TYPE_CHECKING:
@@ -40,22 +40,41 @@ class _BatchOut(NamedTuple):
     nobs: jax.Array
 
 
-def _fit_one(y, mask, x, z, w, zmask, theta0, structure, reml, maxiter, gtol, em_iter) -> _BatchOut:
-    data = GroupedData(jnp.where(mask > 0, y, 0.0), x, z, w, mask)
-    cp = cross_products(data)
-    sol = fit_theta(theta0, cp, zmask, structure, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter)
-    pr = profile(sol.x, cp, structure, reml)
+@functools.partial(jax.jit, static_argnames=("structure", "maxiter", "gtol", "em_iter", "shared_design", "working"))
+def _fit_vmapped(ys, masks, xs, zs, ws, zmasks, theta0, structure: CovStructure, reml, maxiter, gtol, em_iter,
+                 shared_design: bool, working: int | None = None):
+    """All models of a chunk in one program; the design (x, z, w, zmask) is shared or per model."""
+    d_ax = None if shared_design else 0
+    m = ys.shape[0]
+
+    def lane_cp(y, mask, x, z, w):
+        return cross_products(GroupedData(jnp.where(mask > 0, y, 0.0), x, z, w, mask))
+
+    cp = jax.vmap(lane_cp, in_axes=(0, 0, d_ax, d_ax, d_ax))(ys, masks, xs, zs, ws)
+    zm = jnp.broadcast_to(zmasks, (m,) + zmasks.shape) if shared_design else zmasks
+    sol = fit_theta_many(theta0, cp, zm, structure, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter,
+                         working=working)
+    pr = jax.vmap(lambda th, c: profile(th, c, structure, reml))(sol.x, cp)
     return _BatchOut(sol.x, pr.deviance, pr.beta, pr.sigma2, pr.normal.a, sol.grad_norm, sol.iterations,
                      sol.result, cp.nobs)
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "maxiter", "gtol", "em_iter", "shared_design"))
-def _fit_vmapped(ys, masks, xs, zs, ws, zmasks, theta0, structure: CovStructure, reml, maxiter, gtol, em_iter,
-                 shared_design: bool):
-    """vmap of one fit over the model axis; the design (x, z, w, zmask) is shared or per model."""
-    d_ax = None if shared_design else 0
-    return jax.vmap(_fit_one, in_axes=(0, 0, d_ax, d_ax, d_ax, d_ax, None, None, None, None, None, None))(
-        ys, masks, xs, zs, ws, zmasks, theta0, structure, reml, maxiter, gtol, em_iter)
+def _working_width(m: int, n_dev: int, working: int | None = None) -> int | None:
+    """Working-set width for a chunk of ``m`` models (None: every lane every iteration).
+
+    An eighth of the chunk, at least 1,024 lanes: wide enough that the per-iteration overhead
+    stays small, narrow enough that the slowest models do not hold the whole chunk.  Sharded
+    chunks keep plain lanes (a working set would gather across devices every iteration).
+    """
+    if working is not None:
+        return None if working >= m else max(1, int(working))
+    if n_dev > 1 or m <= 2048:
+        return None
+    return max(1024, m // 8)
+
+
+def _n_devices(shard: bool) -> int:
+    return len(jax.devices()) if shard else 1
 
 
 def _model_mesh() -> Mesh | None:
@@ -201,7 +220,7 @@ class BatchResults:
 
 def fit_many(model: MixedLM, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
              em_iter: int = 30, batch_size: int | None = None, progress: bool | None = None,
-             shard: bool = True) -> BatchResults:
+             shard: bool = True, working: int | None = None) -> BatchResults:
     """Fit one model per column of ``y`` on ``model``'s design, in one vmapped call per chunk.
 
     ``y`` is an (nobs, M) array or a list of column names of the model's data.
@@ -209,6 +228,7 @@ def fit_many(model: MixedLM, y: Any, reml: bool = True, maxiter: int = 200, gtol
     the model axis (memory); ``progress`` shows a progress bar over chunks
     (default: when interactive and there are several chunks).  With several
     devices each chunk is sharded across them (``shard=False`` keeps one device).
+    ``working``: the optimiser's working-set width (:func:`_working_width`; speed only).
     """
     if isinstance(y, list | tuple) and all(isinstance(c, str) for c in y):
         if model.data is None:
@@ -237,7 +257,7 @@ def fit_many(model: MixedLM, y: Any, reml: bool = True, maxiter: int = 200, gtol
 
     def call(yc, mc, x, z, w, zm):
         return _fit_vmapped(yc, mc, x, z, w, zm, theta0, model.structure, jnp.asarray(reml), int(maxiter),
-                            float(gtol), int(em_iter), True)
+                            float(gtol), int(em_iter), True, _working_width(yc.shape[0], _n_devices(shard), working))
 
     out, n_dev = run_chunked((padded, masks), (base.x, base.z, base.w, model._zmask), call, batch_size, progress,
                              shard)
@@ -269,6 +289,7 @@ def fit_batch(
     batch_size: int | None = None,
     progress: bool | None = None,
     shard: bool = True,
+    working: int | None = None,
 ) -> BatchResults:
     """Fit one formula to many data sets in one vmapped call (per chunk).
 
@@ -276,6 +297,7 @@ def fit_batch(
     variance components widened), so a single compiled program fits them all.
     The fixed-effects columns must agree across data sets (same levels of every
     categorical), else a ``ValueError`` names the data set and the columns.
+    ``batch_size``, ``progress``, ``shard`` and ``working`` as in :func:`fit_many`.
 
     Examples
     --------
@@ -330,7 +352,7 @@ def fit_batch(
 
     def call(yc, mc, xc, zc, wc, zmc):
         return _fit_vmapped(yc, mc, xc, zc, wc, zmc, theta0, structure, jnp.asarray(reml), int(maxiter),
-                            float(gtol), int(em_iter), False)
+                            float(gtol), int(em_iter), False, _working_width(yc.shape[0], _n_devices(shard), working))
 
     out, n_dev = run_chunked(arrays, (), call, batch_size, progress, shard)
     res = BatchResults(first, None, _BatchOut(*out), reml, [f"data{k}" for k in range(len(models))], models)

@@ -15,7 +15,7 @@ from . import residuals
 from .covariance import CovStructure, normalize_theta, profile_to_theta, unpack_params
 from .data import CrossProducts, GroupedData, bucket, cross_products_jit, group_index, pad_groups
 from .likelihood import deviance_and_grad, em_update, loglike_packed, profile
-from .optimize import Solution, minimize
+from .optimize import Solution, minimize, minimize_many
 
 
 def _fit_theta(
@@ -34,20 +34,52 @@ def _fit_theta(
     on data of the same padded shape reuses the compiled fit.  Vmappable over
     ``theta0``, ``cp`` and ``zmask`` (many models at once).
     """
-    def objective(theta):
-        return profile(theta, cp, structure, reml).deviance
+    vg, warm = _lane_functions(structure, reml)
+    return minimize(lambda theta: profile(theta, cp, structure, reml).deviance, theta0,
+                    warm_value_and_step=lambda theta: warm(theta, (cp, zmask)), n_warm=em_iter, maxiter=maxiter,
+                    gtol=gtol, value_and_grad=lambda theta: vg(theta, (cp, zmask)),
+                    snap=structure.diagonal_theta(), snap_tol=SNAP_TOL)
 
-    def warm(theta):
-        return em_update(theta, cp, zmask, structure, reml)
 
-    def value_and_grad(theta):
-        return deviance_and_grad(theta, cp, structure, reml)
+def _lane_functions(structure: CovStructure, reml: bool | jax.Array):
+    """The optimiser's objective (closed-form gradient) and EM warm step, of θ and one model's ``(cp, zmask)``.
 
-    # Near a degenerate boundary the deviance can be quartic in a diagonal entry of Λ, where a small
-    # gradient still leaves θ_jj ~ 1e-3 and the deviance ~1e-8 above the boundary optimum: the
-    # optimiser tries the boundary itself (lme4 reaches it through its bounds) and keeps it unless worse.
-    return minimize(objective, theta0, warm_value_and_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol,
-                    value_and_grad=value_and_grad, snap=structure.diagonal_theta(), snap_tol=SNAP_TOL)
+    Near a degenerate boundary the deviance can be quartic in a diagonal entry of Λ, where a small
+    gradient still leaves θ_jj ~ 1e-3 and the deviance ~1e-8 above the boundary optimum: the
+    optimiser's snap phase tries the boundary itself (lme4 reaches it through its bounds) and keeps
+    it unless worse.
+    """
+
+    def value_and_grad(theta, data):
+        return deviance_and_grad(theta, data[0], structure, reml)
+
+    def warm(theta, data):
+        return em_update(theta, data[0], data[1], structure, reml)
+
+    return value_and_grad, warm
+
+
+def fit_theta_many(
+    theta0: jax.Array,
+    cp: CrossProducts,
+    zmask: jax.Array,
+    structure: CovStructure,
+    reml: bool | jax.Array = True,
+    maxiter: int = 200,
+    gtol: float = 1e-6,
+    em_iter: int = 30,
+    working: int | None = None,
+) -> Solution:
+    """:func:`fit_theta` for M models at once: ``cp`` and ``zmask`` with a leading model axis.
+
+    Each model takes the same iterations as alone; ``working`` sets the working-set
+    width of :func:`mixedjax.optimize.minimize_many` (None: all M lanes together).
+    """
+    m = cp.nobs.shape[0]
+    vg, warm = _lane_functions(structure, reml)
+    return minimize_many(vg, jnp.broadcast_to(theta0, (m,) + theta0.shape), (cp, zmask),
+                         warm_value_and_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol,
+                         snap=structure.diagonal_theta(), snap_tol=SNAP_TOL, working=working)
 
 
 SNAP_TOL = 1e-2  # try diagonal entries of Λ below this at exactly 0 after the fit
@@ -379,14 +411,17 @@ class MixedLM:
 
     def fit_many(self, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
                  em_iter: int = 30, batch_size: int | None = None, progress: bool | None = None,
-                 shard: bool = True) -> Any:
+                 shard: bool = True, working: int | None = None) -> Any:
         """Fit one model per column of ``y`` (an (nobs, M) array or column names) in one vmapped call.
 
         NaN in a column drops those rows for that model only (``n_dropped`` in the
         results).  ``batch_size`` chunks the model axis to bound memory (one
         compiled program for all chunks), with a progress bar when interactive
         (``progress``); with several devices each chunk is sharded across them.
-        Returns a :class:`mixedjax.batch.BatchResults` with arrays over the model
+        ``working`` is the width of the optimiser's working set (default: an eighth
+        of a chunk, at least 1,024; every lane at once for chunks up to 2,048 models
+        or when sharded): slow models then cost narrow iterations.  It changes the
+        speed, not the results.  Returns a :class:`mixedjax.batch.BatchResults` with arrays over the model
         axis (``fe_params [M, p]``, ``cov_re [M, q, q]``, ``llf``, ``converged``,
         ...), ``to_frame()`` and ``result_for(m)``.
 
@@ -403,7 +438,7 @@ class MixedLM:
         from .batch import fit_many
 
         return fit_many(self, y, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter, batch_size=batch_size,
-                        progress=progress, shard=shard)
+                        progress=progress, shard=shard, working=working)
 
     @classmethod
     def from_formula(

@@ -14,17 +14,24 @@ Phases of the loop:
 3. polish: once the objective can no longer be decreased measurably (its
    rounding noise), full quasi-Newton steps accepted while they shrink the
    gradient, which the autodiff gradient measures far below the objective's
-   noise level.  This takes the gradient to ``polish_gtol``.
+   noise level.  This takes the gradient to ``polish_gtol``;
+4. snap (optional): coordinates marked as variance factors and close to 0 are
+   tried at exactly 0, and kept there unless the objective gets worse.
+
+:func:`minimize_many` runs M problems in one program; with a working set narrower
+than M, slots of finished problems are refilled, so a few slow problems do not
+make every lane iterate as long as they do.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 
 
@@ -172,23 +179,166 @@ def minimize(
     """
     if value_and_grad is None:
         value_and_grad = jax.value_and_grad(fun)
+    if warm_value_and_step is None and warm_step is not None:
+
+        def warm_value_and_step(x):
+            return fun(x), warm_step(x)
+
     x0 = jnp.asarray(x0)
-    k = x0.shape[0]
-    dtype = x0.dtype
-    has_warm = (warm_step is not None or warm_value_and_step is not None) and n_warm > 0
-    snap_mask = jnp.zeros(k, bool) if snap is None else jnp.asarray(snap, bool)
+    prog = _Program(
+        lambda x, _: value_and_grad(x),
+        None if warm_value_and_step is None else (lambda x, _: warm_value_and_step(x)),
+        x0.shape[0], x0.dtype, n_warm=n_warm, maxiter=maxiter, gtol=gtol, polish_gtol=polish_gtol,
+        max_polish=max_polish, ls_steps=ls_steps, warm_rtol=warm_rtol, snap=snap, snap_tol=snap_tol)
+    s = lax.while_loop(_running, lambda s: prog.step(s, None), prog.start(x0, None))
+    return prog.finish(s, x0)
 
-    def snappable(x: Array) -> Array:
-        return snap_mask & (jnp.abs(x) < snap_tol)
-    i32 = jnp.int32
 
-    def trial_point(s: _State) -> Array:
+def minimize_many(
+    value_and_grad: Callable[[Array, Any], tuple[Array, Array]],
+    x0: Array,
+    data: Any,
+    *,
+    warm_value_and_step: Callable[[Array, Any], tuple[Array, Array]] | None = None,
+    n_warm: int = 0,
+    maxiter: int = 200,
+    gtol: float = 1e-6,
+    polish_gtol: float = 1e-11,
+    max_polish: int = 10,
+    ls_steps: int = 40,
+    warm_rtol: float = 1e-5,
+    snap: Array | None = None,
+    snap_tol: float = 1e-2,
+    working: int | None = None,
+) -> Solution:
+    """:func:`minimize` for M problems at once: ``x0 (M, k)``, ``data`` a pytree with leading axis M.
+
+    ``value_and_grad(x, data_m)`` and ``warm_value_and_step(x, data_m)`` take one
+    problem's data.  Every problem follows exactly the iterations it would follow
+    alone.  Under ``vmap`` a ``while_loop`` runs until its slowest lane is done,
+    computing every lane each time; with ``working=W < M`` the main loop instead
+    advances a working set of W problems and refills a finished problem's slot with
+    the next waiting one, so a few slow problems (e.g. near a degenerate boundary,
+    150 iterations where the median is 12) cost W-wide iterations, not M-wide.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> vg = jax.value_and_grad(lambda x, c: jnp.sum((x - c) ** 2))
+    >>> sol = minimize_many(vg, jnp.zeros((5, 2)), jnp.arange(5.0)[:, None], working=2)
+    >>> [round(float(v), 6) for v in sol.x[:, 0]], bool(sol.converged.all())
+    ([0.0, 1.0, 2.0, 3.0, 4.0], True)
+    """
+    x0 = jnp.asarray(x0)
+    m, k = x0.shape
+    prog = _Program(value_and_grad, warm_value_and_step, k, x0.dtype, n_warm=n_warm, maxiter=maxiter, gtol=gtol,
+                    polish_gtol=polish_gtol, max_polish=max_polish, ls_steps=ls_steps, warm_rtol=warm_rtol,
+                    snap=snap, snap_tol=snap_tol)
+    s0 = jax.vmap(prog.start)(x0, data)
+    if working is None or working >= m:
+        s = jax.vmap(lambda s, d: lax.while_loop(_running, lambda s: prog.step(s, d), s))(s0, data)
+    else:
+        s = _working_set_loop(prog, s0, data, m, int(working))
+    return jax.vmap(prog.finish)(s, x0)
+
+
+def _working_set_loop(prog: _Program, s_all: _State, data: Any, m: int, w: int) -> _State:
+    """Advance a working set of ``w`` problems, refilling finished slots from the queue of ``m``."""
+    def take(tree, idx):
+        return jax.tree.map(lambda a: a[idx], tree)
+
+    def select(mask, new, old):
+        return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+    idx0 = jnp.arange(w)
+    carry0 = (s_all, idx0, take(s_all, idx0), take(data, idx0), jnp.asarray(w, jnp.int32))
+
+    def cond(c):
+        _, _, ws, _, nxt = c
+        return jnp.any(_running(ws)) | (nxt < m)
+
+    def body(c):
+        s_all, idx, ws, wd, nxt = c
+        stepped = jax.vmap(prog.step)(ws, wd)
+        ws = select(_running(ws), stepped, ws)  # finished problems stay as they are
+        s_all = jax.tree.map(lambda a, b: a.at[idx].set(b), s_all, ws)
+        done = ~_running(ws)
+        new = nxt + jnp.cumsum(done) - 1
+        refill = done & (new < m)
+        idx = jnp.where(refill, new, idx)
+        ws = select(refill, take(s_all, idx), ws)
+        wd = lax.cond(jnp.any(refill), lambda: select(refill, take(data, idx), wd), lambda: wd)
+        return s_all, idx, ws, wd, nxt + jnp.sum(refill).astype(jnp.int32)
+
+    s_all, idx, ws, _, _ = lax.while_loop(cond, body, carry0)
+    return jax.tree.map(lambda a, b: a.at[idx].set(b), s_all, ws)
+
+
+def _running(s: _State) -> Array:
+    return s.phase != _DONE
+
+
+class _Program:
+    """The minimiser as three pure functions of one problem: ``start``, ``step`` (one evaluation), ``finish``.
+
+    Phases of ``step``: INIT (evaluate the start), BFGS (Armijo backtracking line
+    search), POLISH (quasi-Newton steps accepted while they shrink the gradient),
+    SNAP (small variance factors tried at 0 after convergence), DONE.
+    """
+
+    def __init__(self, value_and_grad, warm_value_and_step, k, dtype, *, n_warm, maxiter, gtol, polish_gtol,
+                 max_polish, ls_steps, warm_rtol, snap, snap_tol) -> None:
+        self.vg, self.warm = value_and_grad, warm_value_and_step
+        self.k, self.dtype = k, dtype
+        self.n_warm, self.maxiter, self.gtol, self.polish_gtol = n_warm, maxiter, gtol, polish_gtol
+        self.max_polish, self.ls_steps, self.warm_rtol, self.snap_tol = max_polish, ls_steps, warm_rtol, snap_tol
+        self.snap_mask = np.zeros(k, bool) if snap is None else np.asarray(snap, bool)
+
+    def snappable(self, x: Array) -> Array:
+        return jnp.asarray(self.snap_mask) & (jnp.abs(x) < self.snap_tol)
+
+    def start(self, x0: Array, data: Any) -> _State:
+        """The warm-start loop (values only), then the initial state of the main loop."""
+        dtype, k, i32 = self.dtype, self.k, jnp.int32
+        # Each pass evaluates f at the candidate and the next candidate; a candidate is accepted
+        # while f does not increase, and the loop goes on while the decrease is appreciable.
+        if self.warm is not None and self.n_warm > 0:
+            inf = jnp.asarray(jnp.inf, dtype)
+
+            def warm_body(c):
+                x_acc, f_acc, x_try, i, f0, _ = c
+                f_try, x_next = self.warm(x_try, data)
+                ok = jnp.isfinite(f_try) & (f_try <= f_acc)
+                more = (ok & (f_acc - f_try > self.warm_rtol * (1.0 + jnp.abs(f_try))) & (i < self.n_warm)
+                        & jnp.all(jnp.isfinite(x_next)))
+                return (jnp.where(ok, x_try, x_acc), jnp.where(ok, f_try, f_acc), x_next, i + 1,
+                        jnp.where(i == 0, f_try, f0), more)
+
+            x_warm, _, _, n_pass, f_start, _ = lax.while_loop(
+                lambda c: c[5], warm_body, (x0, inf, x0, jnp.asarray(0, i32), inf, jnp.array(True)))
+            n_warm_done = jnp.maximum(n_pass - 1, 0).astype(i32)  # the first pass evaluates the start
+            n_eval0 = n_pass
+        else:
+            x_warm, n_warm_done, n_eval0 = x0, jnp.asarray(0, i32), jnp.asarray(0, i32)
+            f_start = jnp.asarray(jnp.nan, dtype)  # set by INIT
+        zero = jnp.asarray(0.0, dtype)
+        return _State(
+            x=x_warm, f=zero, g=jnp.zeros_like(x0), hinv=jnp.eye(k, dtype=dtype), d=jnp.zeros_like(x0),
+            t=jnp.asarray(1.0, dtype), phase=jnp.asarray(_INIT, i32), first=jnp.array(True),
+            n_iter=jnp.asarray(0, i32), n_warm=n_warm_done, n_polish=jnp.asarray(0, i32),
+            n_eval=n_eval0, code=jnp.asarray(-1, i32), f0=f_start,
+        )
+
+    def trial_point(self, s: _State) -> Array:
         return jnp.where(s.phase == _INIT, s.x,
-                         jnp.where(s.phase == _SNAP, jnp.where(snappable(s.x), 0.0, s.x), s.x + s.t * s.d))
+                         jnp.where(s.phase == _SNAP, jnp.where(self.snappable(s.x), 0.0, s.x), s.x + s.t * s.d))
 
-    def body(s: _State) -> _State:
-        xt = trial_point(s)
-        ft, gt = value_and_grad(xt)
+    def step(self, s: _State, data: Any) -> _State:
+        """One evaluation of ``value_and_grad`` and the transition it implies."""
+        dtype, i32 = self.dtype, jnp.int32
+        gtol, maxiter = self.gtol, self.maxiter
+        xt = self.trial_point(s)
+        ft, gt = self.vg(xt, data)
         finite = jnp.isfinite(ft) & jnp.all(jnp.isfinite(gt)) & jnp.all(jnp.isfinite(xt))
         n_eval = s.n_eval + 1
 
@@ -196,8 +346,7 @@ def minimize(
         init_next = s._replace(
             x=xt, f=ft, g=gt, d=-gt,
             t=jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.linalg.norm(gt), 1e-300)).astype(dtype),
-            phase=jnp.where(~finite, _DONE, jnp.where(_gnorm(gt) <= gtol, _POLISH if True else _DONE,
-                                                      _BFGS)).astype(i32),
+            phase=jnp.where(~finite, _DONE, jnp.where(_gnorm(gt) <= gtol, _POLISH, _BFGS)).astype(i32),
             code=jnp.where(~finite, Result.NONFINITE, -1).astype(i32),
             f0=jnp.where(jnp.isnan(s.f0), ft, s.f0),
         )
@@ -213,7 +362,7 @@ def minimize(
         stalled = (s.f - ft <= 1e-13 * (1.0 + jnp.abs(s.f))) & (_gnorm(gt) <= jnp.sqrt(gtol))
         acc_phase = jnp.where(conv | stalled, _POLISH, jnp.where(it >= maxiter, _DONE, _BFGS))
         acc_code = jnp.where(conv | (it < maxiter), -1, Result.MAX_ITER)
-        ls_exhausted = s.t < 0.5**ls_steps
+        ls_exhausted = s.t < 0.5**self.ls_steps
         # minimiser of the quadratic through f(x), f'(x; d) and f(x + t d), kept in [0.1 t, 0.5 t] (N&W eq. 3.57)
         curv = ft - s.f - slope * s.t
         quad = -slope * s.t**2 / (2.0 * jnp.where(curv > 0, curv, 1.0))
@@ -237,12 +386,12 @@ def minimize(
         p_ok = finite & (_gnorm(gt) < _gnorm(s.g)) & (ft <= s.f + 1e-10 * (1.0 + jnp.abs(s.f)))
         ph = _bfgs_update(s.hinv, xt - s.x, gt - s.g, s.first)
         pg = jnp.where(p_ok, gt, s.g)
-        p_more = p_ok & (_gnorm(gt) > polish_gtol) & (s.n_polish + 1 < max_polish)
+        p_more = p_ok & (_gnorm(gt) > self.polish_gtol) & (s.n_polish + 1 < self.max_polish)
         polish_next = s._replace(
             x=jnp.where(p_ok, xt, s.x), f=jnp.where(p_ok, ft, s.f), g=pg,
             hinv=jnp.where(p_ok, ph, s.hinv), d=_direction(jnp.where(p_ok, ph, s.hinv), pg),
             t=jnp.asarray(1.0, dtype), first=s.first & ~p_ok, n_polish=s.n_polish + 1,
-            phase=jnp.where(p_more, _POLISH, jnp.where(jnp.any(snappable(jnp.where(p_ok, xt, s.x))), _SNAP, _DONE)
+            phase=jnp.where(p_more, _POLISH, jnp.where(jnp.any(self.snappable(jnp.where(p_ok, xt, s.x))), _SNAP, _DONE)
                             ).astype(i32),
         )
 
@@ -250,7 +399,7 @@ def minimize(
         s_ok = finite & (ft <= s.f)
         snap_next = s._replace(
             x=jnp.where(s_ok, xt, s.x), f=jnp.where(s_ok, ft, s.f),
-            g=jnp.where(s_ok, jnp.where(snappable(s.x), 0.0, gt), s.g), phase=jnp.asarray(_DONE, i32),
+            g=jnp.where(s_ok, jnp.where(self.snappable(s.x), 0.0, gt), s.g), phase=jnp.asarray(_DONE, i32),
         )
         branches = [init_next, snap_next, bfgs_next, polish_next]
         out = branches[0]
@@ -258,55 +407,14 @@ def minimize(
             out = jax.tree.map(lambda a, b, ph_id=ph_id: jnp.where(s.phase == ph_id, b, a), out, br)
         return out._replace(n_eval=n_eval)
 
-    def cond(s: _State) -> Array:
-        return s.phase != _DONE
-
-    # ---- warm start: its own loop, so the main loop never evaluates warm_step (under vmap a branch
-    # taken by any lane is computed for all) and the warm loop needs values only, no gradients.
-    # Each pass evaluates f at the candidate and the next candidate; a candidate is accepted while
-    # f does not increase, and the loop goes on while the decrease is appreciable.
-    if warm_value_and_step is None and has_warm:
-
-        def warm_value_and_step(x):
-            return fun(x), warm_step(x)
-
-    if has_warm:
-        inf = jnp.asarray(jnp.inf, dtype)
-
-        def warm_cond(c):
-            return c[5]
-
-        def warm_body(c):
-            x_acc, f_acc, x_try, i, f0, _ = c
-            f_try, x_next = warm_value_and_step(x_try)
-            ok = jnp.isfinite(f_try) & (f_try <= f_acc)
-            more = (ok & (f_acc - f_try > warm_rtol * (1.0 + jnp.abs(f_try))) & (i < n_warm)
-                    & jnp.all(jnp.isfinite(x_next)))
-            return (jnp.where(ok, x_try, x_acc), jnp.where(ok, f_try, f_acc), x_next, i + 1,
-                    jnp.where(i == 0, f_try, f0), more)
-
-        x_warm, _, _, n_pass, f_start, _ = lax.while_loop(
-            warm_cond, warm_body, (x0, inf, x0, jnp.asarray(0, i32), inf, jnp.array(True)))
-        n_warm_done = jnp.maximum(n_pass - 1, 0).astype(i32)  # the first pass evaluates the start
-        n_eval0 = n_pass
-    else:
-        x_warm, n_warm_done, n_eval0 = x0, jnp.asarray(0, i32), jnp.asarray(0, i32)
-        f_start = jnp.asarray(jnp.nan, dtype)  # set by INIT below
-
-    zero = jnp.asarray(0.0, dtype)
-    s0 = _State(
-        x=x_warm, f=zero, g=jnp.zeros_like(x0), hinv=jnp.eye(k, dtype=dtype), d=jnp.zeros_like(x0),
-        t=jnp.asarray(1.0, dtype), phase=jnp.asarray(_INIT, i32), first=jnp.array(True),
-        n_iter=jnp.asarray(0, i32), n_warm=n_warm_done, n_polish=jnp.asarray(0, i32),
-        n_eval=n_eval0, code=jnp.asarray(-1, i32), f0=f_start,
-    )
-    s = lax.while_loop(cond, body, s0)
-    gn = _gnorm(s.g)
-    code = jnp.where(s.code >= 0, s.code, jnp.where(gn <= gtol, Result.CONVERGED, Result.NO_PROGRESS))
-    code = jnp.where((s.code == Result.LINE_SEARCH_FAILED) | (s.code == Result.MAX_ITER),
-                     jnp.where(gn <= gtol, Result.CONVERGED, s.code), code)
-    return Solution(
-        x=s.x, value=s.f, grad=s.g, x_start=x0, value_start=s.f0, iterations=s.n_iter,
-        warm_iterations=s.n_warm, polish_iterations=s.n_polish, evaluations=s.n_eval, grad_norm=gn,
-        result=code.astype(i32),
-    )
+    def finish(self, s: _State, x0: Array) -> Solution:
+        gn = _gnorm(s.g)
+        gtol = self.gtol
+        code = jnp.where(s.code >= 0, s.code, jnp.where(gn <= gtol, Result.CONVERGED, Result.NO_PROGRESS))
+        code = jnp.where((s.code == Result.LINE_SEARCH_FAILED) | (s.code == Result.MAX_ITER),
+                         jnp.where(gn <= gtol, Result.CONVERGED, s.code), code)
+        return Solution(
+            x=s.x, value=s.f, grad=s.g, x_start=x0, value_start=s.f0, iterations=s.n_iter,
+            warm_iterations=s.n_warm, polish_iterations=s.n_polish, evaluations=s.n_eval, grad_norm=gn,
+            result=code.astype(jnp.int32),
+        )

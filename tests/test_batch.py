@@ -124,3 +124,13 @@ def test_failing_model_does_not_poison_the_others():
             warnings.simplefilter("ignore", mixedjax.ConvergenceWarning)
             r = mixedjax.mixedlm("y ~ Days", d.assign(y=y[:, m]), groups="Subject", re_formula="~Days").fit()
         assert abs(res.llf[m] - r.llf) <= 1e-8
+
+
+def test_working_set_gives_the_same_fits(batch):
+    """A narrow working set (slots refilled as models finish) reproduces the all-lanes fit."""
+    _, y, model, res = batch
+    narrow = model.fit_many(y, working=7)
+    np.testing.assert_allclose(narrow.llf, res.llf, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(narrow.fe_params, res.fe_params, rtol=1e-9)
+    np.testing.assert_allclose(narrow.cov_re, res.cov_re, rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(narrow.converged, res.converged)
