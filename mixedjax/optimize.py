@@ -3,8 +3,9 @@
 Knows nothing about mixed models: it minimises a pure scalar function of a
 small parameter vector.  The whole run is a single ``lax.while_loop`` whose body
 evaluates ``value_and_grad`` once (one trace of the objective, so compilation
-stays cheap; a closed-form gradient can be supplied); it jit-compiles and ``vmap``s, and under ``vmap`` nothing raises:
-each lane reports how it ended in :attr:`Solution.result`.
+stays cheap; a closed-form gradient can be supplied); it jit-compiles and
+``vmap``s, and under ``vmap`` nothing raises: each lane reports how it ended in
+:attr:`Solution.result`.
 
 Phases of the loop:
 
