@@ -239,7 +239,7 @@ def crossed_data(y: np.ndarray, x: np.ndarray, terms: list,
         pair_b=tuple(jnp.asarray(v) for v in pair_b), pp_a=tuple(jnp.asarray(v) for v in pp_a),
         pp_b=tuple(jnp.asarray(v) for v in pp_b), **dict(zip(_SCALAR_FIELDS, map(jnp.asarray, scalar), strict=True)),
         xtx=jnp.asarray(xy[:, :p].T @ xy[:, :p]), xty=jnp.asarray(xy[:, :p].T @ xy[:, p]),
-        yty=jnp.asarray(xy[:, p] @ xy[:, p]), nobs=jnp.asarray(float(n)), sum_logw=jnp.asarray(np.log(w).sum()),
+        yty=jnp.asarray(xy[:, p] @ xy[:, p]), nobs=jnp.asarray(np.float64(n)), sum_logw=jnp.asarray(np.log(w).sum()),
     )
     return data, st
 
@@ -566,8 +566,8 @@ def fit_crossed(theta0: np.ndarray, data: CrossedData, st: CrossedStructure, rem
     diag = st.diagonal_theta()
     c = np.where(diag, np.ones_like(theta0) if scales is None else scales, 1.0)
     to_theta = lambda phi: np.where(diag, c * np.sinh(phi), phi)  # noqa: E731
-    reml_arr = jnp.asarray(bool(reml))
-    fun = lambda phi: float(_profiled_jit(jnp.asarray(to_theta(phi)), data, st, reml_arr).deviance)  # noqa: E731
+    reml_arr = np.asarray(bool(reml))  # numpy arguments: no eager conversion to compile
+    fun = lambda phi: float(_profiled_jit(to_theta(phi), data, st, reml_arr).deviance)  # noqa: E731
     r = _minimize_dfo(fun, np.where(diag, np.arcsinh(theta0 / c), theta0), 0.1, ftol, int(maxiter))
     grad = r.grad / np.where(diag, c * np.cosh(r.x), 1.0)  # chain rule back to θ
     result = Result.CONVERGED if r.converged else Result.MAX_ITER
@@ -726,7 +726,7 @@ class CrossedResults(LmerResults):
         self.theta = _normalize(theta, st)
         self.residual_params = np.zeros(0)
         self.residual_structure: dict = {}
-        pr = jax.device_get(_profiled_jit(jnp.asarray(self.theta), model._data, st, jnp.asarray(bool(reml))))
+        pr = jax.device_get(_profiled_jit(self.theta, model._data, st, np.asarray(bool(reml))))
         self._profiled = pr
         self.scale = float(pr.sigma2)
         self.llf = float(-0.5 * pr.deviance)
@@ -736,8 +736,9 @@ class CrossedResults(LmerResults):
         self.fe_params = pd.Series(np.asarray(pr.beta, float), index=model.exog_names)
         self._cov_fe = self.scale * np.linalg.inv(np.asarray(pr.normal.a, float))
         covs = []
-        for tk in term_factors(jnp.asarray(self.theta), st):
-            tk = np.asarray(tk)
+        for q, sl in zip(st.qs, st.theta_slices(), strict=True):
+            tk = np.zeros((q, q))
+            tk[np.tril_indices(q)] = self.theta[sl]
             covs.append(self.scale * tk @ tk.T)
         self._covs = covs
         first = model.lmer_terms[0]

@@ -183,8 +183,9 @@ def _nested_in(inner: RETerm, outer: RETerm) -> bool:
     """Every level of ``inner`` occurs within a single level of ``outer``."""
     if inner.factor == outer.factor:
         return True
-    pairs = np.unique(np.stack([inner.codes, outer.codes]), axis=1)
-    return pairs.shape[1] == len(np.unique(inner.codes))
+    outer_of = np.empty(inner.n_levels, dtype=outer.codes.dtype)
+    outer_of[inner.codes] = outer.codes  # one outer level per inner level (the last written) ...
+    return bool(np.all(outer_of[inner.codes] == outer.codes))  # ... that every row agrees with
 
 
 def per_group_plan(terms: list[RETerm]) -> tuple[RETerm, RETerm | None, list[RETerm]] | None:
