@@ -286,10 +286,11 @@ class Blups(NamedTuple):
 def _posterior(lam: Array, pr: Profiled) -> Blups:
     """``b̂_i = Λ M_i⁻¹ Λᵀ Z_iᵀ(y_i − X_i β̂)`` and ``Var(b_i | y) = σ² Λ M_i⁻¹ Λᵀ`` from a profiled fit."""
     gs = pr.groups
-    u = solve_upper_t(gs.chol, gs.d - jnp.einsum("gqp,p->gq", gs.c, pr.beta))
-    b = jnp.einsum("ij,gj->gi", lam, u)
+    # broadcast products and sums rather than einsum: q x q blocks are too small for matrix products
+    u = solve_upper_t(gs.chol, gs.d - jnp.sum(gs.c * pr.beta, axis=-1))
+    b = jnp.sum(lam * u[:, None, :], axis=-1)
     linv_lt = solve_lower(gs.chol, jnp.broadcast_to(lam.T, gs.chol.shape))  # L⁻¹ Λᵀ
-    return Blups(b, pr.sigma2 * jnp.einsum("gki,gkj->gij", linv_lt, linv_lt))
+    return Blups(b, pr.sigma2 * jnp.sum(linv_lt[:, :, :, None] * linv_lt[:, :, None, :], axis=1))
 
 
 def blups(theta: Array, cp: CrossProducts, structure: CovStructure, reml: bool | Array) -> Blups:
@@ -319,12 +320,12 @@ def em_update(
     lam = lam_from_theta(theta, structure)
     pr = profile_lam(lam, cp, reml)
     post = _posterior(lam, pr)
-    second = jnp.einsum("gi,gj->gij", post.b, post.b) + post.cov
+    second = post.b[:, :, None] * post.b[:, None, :] + post.cov
     real = (cp.n > 0).astype(theta.dtype)
     parts = []
     qr = structure.q_re
     if qr:
-        psi = jnp.einsum("g,gij->ij", real, second[:, :qr, :qr]) / cp.ngroups / pr.sigma2
+        psi = jnp.sum(real[:, None, None] * second[:, :qr, :qr], axis=0) / cp.ngroups / pr.sigma2
         if structure.re_diagonal:
             parts.append(jnp.sqrt(jnp.diag(psi)))
         else:
