@@ -88,6 +88,8 @@ def test_fit_batch_many_datasets_equals_single_fits():
             assert abs(res.llf[k] - r.llf) <= 1e-8
             np.testing.assert_allclose(res.fe_params[k], r.fe_params.to_numpy(), rtol=1e-6)
     assert res.result_for(3).llf == pytest.approx(res.llf[3], abs=1e-8)
+    narrow = mixedjax.fit_batch("Reaction ~ Days", sets, groups="Subject", re_formula="~Days", working=5)
+    np.testing.assert_allclose(narrow.llf, res.llf, rtol=0, atol=1e-9)  # per-model designs in a working set
 
 
 def test_fit_batch_variance_components_of_different_widths():
