@@ -496,7 +496,9 @@ def _minimize_dfo(fun: Any, x0: np.ndarray, step0: float, ftol: float, maxfev: i
        symmetric rank-one update from the change of gradient along the step.  ``Δ`` grows
        or shrinks with the ratio of actual to predicted decrease.
     3. It stops when the model, with a difference gradient, predicts a decrease below
-       ``ftol`` (the minimum's deviance is then known to about that much).
+       ``ftol``, or after a step from a difference gradient that predicted at most
+       ``10⁴ ftol`` and missed it by a relative ``ε`` with ``ε² · pred ≤ 10 ftol`` (about what
+       the next step could still gain: the Newton step's error is the model's error).
 
     Near the minimum ``H`` is the Hessian up to the interpolation error and the updates,
     so each step gains a factor of the Hessian's relative error or better; ``n + 1``
@@ -531,6 +533,11 @@ def _minimize_dfo(fun: Any, x0: np.ndarray, step0: float, ftol: float, maxfev: i
         nf, it = nf + 1, it + 1
         ratio = (f - fn) / pred
         ns = np.linalg.norm(s)
+        if exact and pred <= 1e4 * ftol and (f - fn - pred) ** 2 <= 10.0 * ftol * pred:
+            # a Newton step from an exact gradient, in the local regime, whose model error along the step
+            # (relative ε = |actual − pred| / pred) leaves about ε² pred ≤ 10 ftol to gain: done
+            x, f, g, converged = x + s, float(fn), g + h @ s, True
+            break
         if fn < f:
             gn = fd_grad(x + s, fn)
             nf += n
