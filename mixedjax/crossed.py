@@ -170,20 +170,20 @@ def _scalar_schur_pattern(b: sp.csr_matrix, g22: np.ndarray) -> tuple[np.ndarray
     """
     m = g22.shape[0]
     b.sort_indices()
-    counts = np.diff(b.indptr)
-    row_of = np.repeat(np.arange(b.shape[0]), counts)  # level of each stored entry
-    npair = np.arange(b.nnz) - b.indptr[row_of] + 1  # entry p pairs with the p+1 entries q ≤ p of its row
-    ea = np.repeat(np.arange(b.nnz), npair)
-    eb = np.repeat(b.indptr[row_of], npair) + np.arange(len(ea)) - np.repeat(np.cumsum(npair) - npair, npair)
-    flat = b.indices[ea].astype(np.int64) * m + b.indices[eb]
+    start = b.indptr[:-1].astype(np.int32)
+    row_of = np.repeat(np.arange(b.shape[0], dtype=np.int32), np.diff(b.indptr))  # level of each stored entry
+    npair = np.arange(1, b.nnz + 1, dtype=np.int32) - start[row_of]  # entry p pairs with the p+1 entries q ≤ p
+    ea = np.repeat(np.arange(b.nnz, dtype=np.int32), npair)
+    eb = np.arange(len(ea), dtype=np.int32) + np.repeat(start[row_of] - (np.cumsum(npair) - npair), npair)
+    ind = b.indices.astype(np.int32)
+    flat = ind[ea] * np.int32(m) + ind[eb]
     mask = np.zeros(m * m, bool)
     mask[flat] = True
     mask[np.arange(m) * (m + 1)] = True
-    nz = np.flatnonzero(mask)
-    seg = (np.cumsum(mask) - 1)[flat]
-    rows, cols = np.divmod(nz, m)
-    return (row_of[ea].astype(np.int32), b.data[ea] * b.data[eb], seg.astype(np.int32), nz.astype(np.int32),
-            rows.astype(np.int32), cols.astype(np.int32), g22.ravel()[nz])
+    nz = np.flatnonzero(mask).astype(np.int32)
+    seg = (np.cumsum(mask, dtype=np.int32) - 1)[flat]
+    rows, cols = np.divmod(nz, np.int32(m))
+    return row_of[ea], b.data[ea] * b.data[eb], seg, nz, rows, cols, g22.ravel()[nz]
 
 
 def crossed_data(y: np.ndarray, x: np.ndarray, terms: list,
