@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .covariance import CovStructure, theta_to_profile
 from .data import GroupedData, cross_products
 from .likelihood import profile
-from .model import fit_theta_many
+from .model import FAST_COMPILE, fit_theta_many
 from .optimize import Result
 
 if TYPE_CHECKING:
@@ -40,7 +40,8 @@ class _BatchOut(NamedTuple):
     nobs: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "maxiter", "gtol", "em_iter", "shared_design", "working"))
+@functools.partial(jax.jit, static_argnames=("structure", "maxiter", "gtol", "em_iter", "shared_design", "working"),
+                   compiler_options=FAST_COMPILE)
 def _fit_vmapped(ys, masks, xs, zs, ws, zmasks, theta0, structure: CovStructure, reml, maxiter, gtol, em_iter,
                  shared_design: bool, working: int | None = None):
     """All models of a chunk in one program; the design (x, z, w, zmask) is shared or per model."""

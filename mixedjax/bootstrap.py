@@ -20,7 +20,7 @@ import pandas as pd
 from .covariance import CovStructure, lam_from_theta, normalize_theta
 from .data import GroupedData, cross_products
 from .likelihood import profile
-from .model import fit_theta
+from .model import FAST_COMPILE, fit_theta
 from .optimize import Result
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ _bootstrap = jax.jit(_bootstrap_impl, static_argnames=_STATIC)
 # XLA's backend optimisation level 0: on 2 CPU cores the vmapped fit compiles in ~2 s instead of ~5 s and
 # then runs ~3x slower (1000 sleepstudy refits: 0.4 s instead of 0.12 s); a bootstrap is usually run once
 _bootstrap_fast_compile = jax.jit(_bootstrap_impl, static_argnames=_STATIC,
-                                  compiler_options={"xla_backend_optimization_level": 0})
+                                  compiler_options={**FAST_COMPILE, "xla_backend_optimization_level": 0})
 
 
 def _check(res: MixedLMResults) -> None:
