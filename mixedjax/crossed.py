@@ -11,11 +11,12 @@ reached through the Schur complement
 
 formed from sparse per-level sums: ``A₂₁`` is stored as its non-zero blocks (one
 per pair (level i of the first factor, level j of another) that share a row), and
-``S`` accumulates the products of the pairs that share a level ``i`` by a
-scatter-add over index pairs precomputed once on the host.  No dense product with
-the first block is ever formed: for InstEval (2,972 students, 1,156 other
-columns) an evaluation costs a few million multiply-adds plus a dense 1,156 x 1,156
-Cholesky.
+``S`` accumulates the products of the pairs that share a level ``i`` over index
+pairs precomputed once on the host (when every term is scalar: one segment sum
+onto the non-zeros of ``S``'s lower triangle, :func:`_scalar_schur`).  No dense
+product with the first block is ever formed: for InstEval (2,972 students, 1,156
+other columns) an evaluation costs a few million multiply-adds plus a dense
+1,156 x 1,156 Cholesky (about 21 ms on one core, 13 ms of it the Cholesky).
 
 With ``L = [[L₁₁, 0], [L₂₁, L₂₂]]``, ``c = L⁻¹ Λᵀ Zᵀ [X y]`` gives the same
 Woodbury pieces as the per-group path (``X'V⁻¹X = X'X − c_Xᵀ c_X`` ...,
@@ -23,6 +24,13 @@ Woodbury pieces as the per-group path (``X'V⁻¹X = X'X − c_Xᵀ c_X`` ...,
 (:func:`mixedjax.likelihood.profile_normal`).  The objective is a pure,
 differentiable JAX function of θ (one lower-triangular ``T_k`` per term, packed
 row-major).
+
+The fit (:func:`fit_crossed`) does not use that derivative: with a handful of θ,
+a derivative-free trust-region Newton method (:func:`_minimize_dfo`, difference
+gradients and an interpolated Hessian) needs ~20 evaluations of the deviance
+alone, each far cheaper than a value and gradient (whose reverse pass needs the
+whole ``S⁻¹``), and only the deviance is compiled.  It starts from MIVQUE(0)
+estimates (:func:`mivque_start`) when every term is scalar.
 """
 
 from __future__ import annotations
@@ -691,9 +699,11 @@ def _single_threaded_lapack() -> threadpool_limits:
     """Run jaxlib's LAPACK calls (scipy's OpenBLAS) on one thread while XLA uses the cores.
 
     jaxlib calls LAPACK through scipy's bundled OpenBLAS, whose worker threads spin while
-    waiting; next to XLA's own thread pool they oversubscribe the cores.  Measured on
-    InstEval (2 cores): one fit 62 s with OpenBLAS's default threads, 11 s with one thread.
-    threadpoolctl restores the previous setting when the block ends.
+    waiting; next to XLA's own thread pool (and the fit's own evaluation threads) they
+    oversubscribe the cores.  Measured on InstEval (2 cores): the former BFGS fit took 62 s
+    with OpenBLAS's default threads, 11 s with one; the current fit with two BLAS threads
+    was slower in the median and once took 14 s instead of 0.7 s.  threadpoolctl restores
+    the previous setting when the block ends.
     """
     return threadpool_limits(limits=1, user_api="blas")
 
