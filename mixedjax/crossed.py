@@ -586,7 +586,9 @@ def _minimize_dfo(fmap: Any, x0: np.ndarray, step0: float, ftol: float, maxfev: 
         ratio = (f - fn) / pred
         ns = np.linalg.norm(s)
         if fn < f:
-            if exact:  # symmetric rank-one update, skipped when ill-defined
+            # symmetric rank-one update, skipped when ill-defined or when the step is so short that the
+            # change of gradient is mostly the differences' own error (which would corrupt H)
+            if exact and ns > 100.0 * fd_step:
                 r = gn - g - h @ s
                 if abs(r @ s) > 1e-8 * np.linalg.norm(r) * ns:
                     h = h + np.outer(r, r) / (r @ s)
