@@ -23,6 +23,10 @@ NAMES = [
     "insteval",
     "orthodont",
     "oxboys",
+    "cake",
+    "machines",
+    "exam",
+    "scotssec",
 ]
 
 # Shapes as documented for the R datasets (independent of factor_levels.json).
@@ -36,18 +40,28 @@ SHAPES = {
     "insteval": (73421, 7),
     "orthodont": (108, 4),
     "oxboys": (234, 4),
+    "cake": (270, 5),
+    "machines": (54, 3),
+    "exam": (4059, 10),
+    "scotssec": (3435, 6),
 }
 
 R_ORDERED = {
     "insteval": ["studage", "lectage"],
     "orthodont": ["Subject"],
     "oxboys": ["Subject", "Occasion"],
+    "cake": ["temperature"],
+    "machines": ["Worker"],
 }
 
 SOURCES = {
     "dietox": ("R package geepack 1.3.9", "GPL (>= 3)"),
     "orthodont": ("R package nlme 3.1-162", "GPL (>= 2)"),
     "oxboys": ("R package nlme 3.1-162", "GPL (>= 2)"),
+    "cake": ("R package lme4 1.1-31", "GPL (>= 2)"),
+    "machines": ("R package nlme 3.1-162", "GPL (>= 2)"),
+    "exam": ("R package mlmRev 1.0-8", "GPL (>= 2)"),
+    "scotssec": ("R package mlmRev 1.0-8", "GPL (>= 2)"),
 }
 
 
@@ -168,6 +182,35 @@ def test_known_values() -> None:
         pastes["sample"].astype(str) == pastes["batch"].astype(str) + ":" + pastes["cask"].astype(str)
     ).all()
 
+    cake = load("cake")
+    assert cake["angle"].dtype == np.int64
+    assert list(cake["temperature"].cat.categories) == ["175", "185", "195", "205", "215", "225"]
+    assert (cake["temp"] == cake["temperature"].astype(str).astype(float)).all()
+    assert list(cake["replicate"].cat.categories[:3]) == ["1", "2", "3"]  # numeric, not "1", "10", "11"
+    assert (cake.groupby(["recipe", "replicate"], observed=True).size() == 6).all()
+    assert cake.groupby(["recipe", "replicate"], observed=True).ngroups == 45
+
+    machines = load("machines")
+    assert list(machines["Worker"].cat.categories) == ["6", "2", "4", "1", "3", "5"]
+    assert list(machines["Machine"].cat.categories) == ["A", "B", "C"]
+    assert (machines.groupby(["Worker", "Machine"], observed=True).size() == 3).all()
+    assert machines.loc[0, "score"] == 52.0
+
+    exam = load("exam")
+    assert list(exam["schgend"].cat.categories) == ["mixed", "boys", "girls"]
+    assert list(exam["sex"].cat.categories) == ["F", "M"]
+    assert exam["school"].nunique() == 65
+    assert exam.loc[0, "normexam"] == 0.2613242
+    assert exam.loc[0, "standLRT"] == 0.6190592
+
+    scots = load("scotssec")
+    assert list(scots["sex"].cat.categories) == ["M", "F"]
+    assert scots["primary"].nunique() == 148
+    assert scots["second"].nunique() == 19
+    assert scots.loc[0, "attain"] == 10.0
+    # partially crossed: some primary schools send pupils to more than one secondary school
+    assert (scots.groupby("primary", observed=True)["second"].nunique() > 1).any()
+
 
 def test_load_returns_independent_copies() -> None:
     first = load("sleepstudy")
@@ -222,6 +265,10 @@ def test_unknown_name_raises() -> None:
         ("Orthodont", "orthodont"),
         ("OxBoys", "oxboys"),
         ("DIETOX", "dietox"),
+        ("Cake", "cake"),
+        ("Machines", "machines"),
+        ("Exam", "exam"),
+        ("ScotsSec", "scotssec"),
     ],
 )
 def test_case_insensitive(alias: str, name: str) -> None:

@@ -1,6 +1,6 @@
 """Reference datasets for linear mixed models, bundled with mixedjax.
 
-The datasets are the classic examples from the R packages geepack, lme4 and nlme, exported with
+The datasets are the classic examples from the R packages geepack, lme4, nlme and mlmRev, exported with
 R 4.2.2 and shipped unmodified as CSV files inside this package (see ``LICENSES.md`` next to this
 module for their sources and licences). They are read with :mod:`importlib.resources`, so they work
 from a source checkout and from an installed wheel alike.
@@ -32,6 +32,10 @@ pastes        lme4 1.1-31            nested: 30 casks within 10 batches, 60 rows
 insteval      lme4 1.1-31            crossed, large: 2972 students x 1128 lecturers, 73421 rows
 orthodont     nlme 3.1-162           longitudinal: 27 children x 4 ages, 108 rows
 oxboys        nlme 3.1-162           longitudinal: 26 boys x 9 occasions, 234 rows
+cake          lme4 1.1-31            split-plot: 15 replicates x 3 recipes x 6 temperatures, 270 rows
+machines      nlme 3.1-162           nested: 6 workers x 3 machines x 3 replicates, 54 rows
+exam          mlmRev 1.0-8           two-level: 4059 students in 65 schools
+scotssec      mlmRev 1.0-8           crossed: 3435 pupils, 148 primary x 19 secondary schools
 ============  =====================  ============================================================
 
 Examples
@@ -46,6 +50,8 @@ True
 ['Reaction', 'Days', 'Subject']
 >>> df["Subject"].cat.categories[0]
 '308'
+>>> list(load("scotssec")["sex"].cat.categories)  # R's level order, not sorted
+['M', 'F']
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ _PACKAGE_LICENSES: dict[str, str] = {
     "geepack": "GPL (>= 3)",
     "lme4": "GPL (>= 2)",
     "nlme": "GPL (>= 2)",
+    "mlmRev": "GPL (>= 2)",
 }
 
 # R column type -> pandas dtype used when reading the CSV (factors are read as str, then converted).
@@ -103,8 +110,8 @@ def list_datasets() -> list[str]:
     --------
     >>> from mixedjax.datasets import list_datasets
     >>> list_datasets()  # doctest: +NORMALIZE_WHITESPACE
-    ['dietox', 'dyestuff', 'dyestuff2', 'insteval', 'orthodont', 'oxboys', 'pastes',
-     'penicillin', 'sleepstudy']
+    ['cake', 'dietox', 'dyestuff', 'dyestuff2', 'exam', 'insteval', 'machines', 'orthodont',
+     'oxboys', 'pastes', 'penicillin', 'scotssec', 'sleepstudy']
     """
     return sorted(_name_map())
 
