@@ -16,13 +16,15 @@ if os.environ.get("MIXEDJAX_ENABLE_X64", "1") != "0":
     jax.config.update("jax_enable_x64", True)
 
 from . import datasets  # noqa: E402
-from .batch import BatchResults, fit_batch  # noqa: E402
+from .batch import fit_batch  # noqa: E402
+from .fit import ConvergenceWarning, FittedModel, RefitWarning  # noqa: E402
 from .inference import anova, compare_lr_test  # noqa: E402
 from .lmer import lmer  # noqa: E402
+from .many import BatchResults  # noqa: E402
 from .model import MixedLM, fit_theta, mixedlm  # noqa: E402
 from .optimize import Result, Solution, minimize  # noqa: E402
 from .residuals import AR1, VarIdent  # noqa: E402
-from .results import ConvergenceWarning, LmerResults, MixedLMResults, OptimSummary  # noqa: E402
+from .results import LmerResults, MixedLMResults, OptimSummary  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,8 @@ __all__ = [
     "AR1",
     "VarIdent",
     "ConvergenceWarning",
+    "FittedModel",
+    "RefitWarning",
     "anova",
     "compare_lr_test",
     "LmerResults",

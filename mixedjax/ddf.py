@@ -87,7 +87,7 @@ class Satterthwaite:
         self.hessian = h
         jac = np.asarray(_jac_jit(vp, cp, st))  # (p, p, k)
         self.jacobian = np.moveaxis(jac, -1, 0)  # (k, p, p)
-        self.cov_beta = res._cov_fe
+        self.cov_beta = res.cov_fe
 
     def ddf(self, c: np.ndarray) -> float:
         """Denominator df of the single contrast ``c`` (p,)."""
@@ -161,7 +161,7 @@ class KenwardRoger:
         sinv = np.linalg.inv(sigma)
         sinv_x = sinv @ x
         sinv_g = [sinv @ g for g in g_mats]
-        phi = res._cov_fe
+        phi = res.cov_fe
         n_g = len(g_mats)
         pp = [-np.einsum("gni,gnj->ij", g @ sinv_x, sinv_x) for g in g_mats]
         qq = {}

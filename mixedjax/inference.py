@@ -400,7 +400,7 @@ class InferenceMixin:
             require_grouped(self, "Kenward-Roger")
             cov = kenward_roger(self).cov_adjusted
         else:
-            cov = self._cov_fe
+            cov = self.cov_fe
         sd = np.sqrt(np.einsum("ij,jk,ik->i", r, cov, r))
         stat = (effect - q) / sd
         names = [self._contrast_name(row) for row in r] if not isinstance(r_matrix, str) else [
@@ -443,7 +443,7 @@ class InferenceMixin:
             kr = kenward_roger(self)
             cov = kr.cov_adjusted
         else:
-            cov = self._cov_fe
+            cov = self.cov_fe
         rank = np.linalg.matrix_rank(r)
         if rank < r.shape[0]:
             raise ValueError(f"the {r.shape[0]} constraints are linearly dependent (rank {rank})")

@@ -6,7 +6,7 @@ nested in one of them (one factor, ``(1 | a/b)``, ``(x || g)``) takes the per-gr
 path of :class:`mixedjax.MixedLM` (the outer factor is the group, the terms on it
 form the correlated block and variance components, nested factors are variance
 components); any other model (crossed factors) takes the sparse blocked-Cholesky
-path of :mod:`mixedjax.crossed`.
+path (:class:`CrossedLM`, :mod:`mixedjax.crossed_likelihood`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from . import formula as fml
+from .backends import CrossedBackend, CrossedModelData, profiled_jit
+from .crossed_data import all_pairs_of_pairs, crossed_data, mivque_start, theta_scales
+from .model import LinearMixedModel, MixedLM, TermInfo
+from .residuals import bind
 
 
 @dataclass
@@ -287,9 +292,6 @@ def lmer(
     >>> list(r.varcorr().group)
     ['plate', 'sample', 'Residual']
     """
-    from .model import MixedLM
-    from .residuals import bind
-
     if not isinstance(data, pd.DataFrame):
         raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     yname, fixed, bars = split_formula(formula)
@@ -329,12 +331,11 @@ def lmer(
     plan = per_group_plan(terms)
     if plan is None:
         if residual is not None:
-            raise NotImplementedError("structured residuals need one grouping factor (or nested ones); this "
-                                      "model has crossed factors")
-        from .crossed import CrossedLM
-
+            raise NotImplementedError("structured residuals (VarIdent, AR1) with crossed random effects are not "
+                                      "implemented: they need one grouping factor or nested ones")
         model = CrossedLM(y, x.to_numpy(), terms, weights=w, exog_names=list(x.columns), endog_name=yname)
         model.formula, model.data, model.designs = formula, frame, {"fe": x}
+        model.bars = bars
         return model.fit(reml=reml, **fit_kwargs)
 
     outer, corr, vc_terms = plan
@@ -349,8 +350,82 @@ def lmer(
     model.data, model.designs = frame, {"fe": x}
     model.group_name = outer.factor
     model.lmer_terms = terms
-    model._lmer_plan = (outer, corr, vc_terms)
-    from .results import LmerResults
-
-    model._results_class = LmerResults
+    model.bars = bars
+    model.api = "lme4"
+    info = []
+    if corr is not None:
+        info.append(TermInfo(corr.label, corr.factor, tuple(corr.names), tuple(str(v) for v in outer.levels),
+                             corr.source))
+    for t, v in zip(vc_terms, vcs, strict=True):
+        if t.factor == outer.factor:
+            levels = tuple(str(lv) for lv in outer.levels)
+        else:
+            levels = tuple(nm for names in v.names for nm in names)
+        info.append(TermInfo(t.label, t.factor, tuple(t.names), levels, t.source))
+    model.term_info = info
     return model.fit(reml=reml, **fit_kwargs)
+
+
+class CrossedLM(LinearMixedModel):
+    """A linear mixed model with crossed random-effects terms (built by :func:`lmer`), on the crossed backend.
+
+    Parameters
+    ----------
+    endog : (nobs,) array
+    exog : (nobs, p) array
+    terms : list of :class:`RETerm`
+        Ordered here by number of levels, largest first (lme4's order).
+    weights : (nobs,) array, optional
+        Prior weights (row i has residual variance ``scale / w_i``).
+    """
+
+    api = "lme4"
+
+    def __init__(self, endog: np.ndarray, exog: np.ndarray, terms: list, weights: np.ndarray | None = None,
+                 exog_names: list[str] | None = None, endog_name: str = "y") -> None:
+        self.endog = np.asarray(endog, float)
+        self.exog = np.asarray(exog, float)
+        self.nobs, self.k_fe = self.exog.shape
+        self.exog_names = exog_names or [f"x{i + 1}" for i in range(self.k_fe)]
+        self.endog_names = endog_name
+        aliased = fml.aliased_columns(self.exog, self.exog_names)
+        if aliased:
+            raise ValueError(f"the fixed-effects design is rank deficient: column(s) {aliased} are "
+                             "linear combinations of the others (aliased); drop them or recode")
+        if weights is not None and np.any(np.asarray(weights) <= 0):
+            raise ValueError("weights must be positive")
+        self.weights = None if weights is None else np.asarray(weights, float)
+        self.lmer_terms = sorted(terms, key=lambda t: -t.n_levels)
+        cd, st = crossed_data(self.endog, self.exog, self.lmer_terms, self.weights)
+        self.structure = st
+        self.backend = CrossedBackend(st)
+        sw = np.ones(self.nobs) if self.weights is None else np.sqrt(self.weights)
+        self.backend_data = CrossedModelData(
+            cd, all_pairs_of_pairs(cd, st), jnp.asarray(self.exog), jnp.asarray(sw),
+            tuple(jnp.asarray(t.codes.astype(np.int32)) for t in self.lmer_terms),
+            tuple(jnp.asarray(t.z) for t in self.lmer_terms))
+        self.term_info = [TermInfo(t.label, t.factor, tuple(t.names), tuple(str(v) for v in t.levels), t.source)
+                          for t in self.lmer_terms]
+        self.k_re = self.lmer_terms[0].q
+        self.n_groups = {t.label: t.n_levels for t in self.lmer_terms}
+        self.residual = None
+        self.formula = None
+        self.data = None
+        self.designs = None
+        self.reml = True
+
+    def default_start(self) -> np.ndarray | None:
+        """MIVQUE(0) (:func:`mixedjax.crossed_data.mivque_start`) when every term is scalar, else lme4's θ = 1."""
+        return mivque_start(self.endog, self.exog, self.lmer_terms, self.weights)
+
+    def default_options(self) -> dict:
+        return {"maxiter": 1000, "ftol": 1e-9, "scales": theta_scales(self.lmer_terms, self.weights)}
+
+    def fit_options(self, maxiter: int | None, gtol: float | None, em_iter: int | None) -> dict:
+        """``maxiter`` caps the deviance evaluations; ``gtol`` and ``em_iter`` belong to the per-group fit."""
+        return {} if maxiter is None else {"maxiter": int(maxiter)}
+
+    def deviance(self, theta: Any, reml: bool | None = None) -> float:
+        """Profiled deviance (−2ℓ, or the REML criterion) at θ."""
+        return float(profiled_jit(self.backend, jnp.asarray(theta, float), self.backend_data,
+                                  np.asarray(self._reml(reml))).deviance)

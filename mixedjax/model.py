@@ -1,105 +1,262 @@
-"""The statsmodels-shaped model object: :class:`MixedLM` and :func:`mixedlm`."""
+"""The statsmodels-shaped model objects: :class:`LinearMixedModel` (shared by every backend), :class:`MixedLM`
+and :func:`mixedlm`.
+
+A model holds the data, a likelihood backend (:mod:`mixedjax.backends`) with its data
+pytree, and the names of its terms; :meth:`LinearMixedModel.fit` runs the one fit
+driver (:mod:`mixedjax.fit`) and returns the one results class
+(:class:`mixedjax.results.MixedLMResults`).
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from . import formula as fml
 from . import residuals
-from .covariance import CovStructure, normalize_theta, profile_to_theta, unpack_params
-from .data import CrossProducts, GroupedData, bucket, cross_products_jit, group_index, pad_groups
-from .likelihood import deviance_and_grad, em_update, loglike_packed, profile
-from .optimize import Solution, minimize, minimize_many
+from .backends import (
+    GroupedBackend,
+    GroupedModelData,
+    fit_grouped,
+    hessian_params_jit,
+    loglike_params_jit,
+    score_params_jit,
+)
+from .covariance import CovStructure, psd_cholesky_np
+from .data import bucket, cross_products_jit, group_index, pad_groups
+from .fit import fit as fit_driver
+from .many import fit_many
+from .results import MixedLMResults
+
+fit_theta = fit_grouped  # the jitted per-group fit of θ (public since 0.1: vmappable, differentiable)
 
 
-def _fit_theta(
-    theta0: jax.Array,
-    cp: CrossProducts,
-    zmask: jax.Array,
-    structure: CovStructure,
-    reml: bool = True,
-    maxiter: int = 200,
-    gtol: float = 1e-6,
-    em_iter: int = 30,
-) -> Solution:
-    """Minimise the profiled deviance over θ: EM warm start, BFGS, gradient polish (pure JAX, jitted).
+@dataclass(frozen=True)
+class TermInfo:
+    """Names of one random-effects term, aligned with the backend's θ layout.
 
-    Module-level and jitted once per (shapes, structure, options), so a new model
-    on data of the same padded shape reuses the compiled fit.  Vmappable over
-    ``theta0``, ``cp`` and ``zmask`` (many models at once).
-    """
-    vg, warm = _lane_functions(structure, reml)
-    return minimize(lambda theta: profile(theta, cp, structure, reml).deviance, theta0,
-                    warm_value_and_step=lambda theta: warm(theta, (cp, zmask)), n_warm=em_iter, maxiter=maxiter,
-                    gtol=gtol, value_and_grad=lambda theta: vg(theta, (cp, zmask)),
-                    snap=structure.diagonal_theta(), snap_tol=SNAP_TOL)
-
-
-def _lane_functions(structure: CovStructure, reml: bool | jax.Array):
-    """The optimiser's objective (closed-form gradient) and EM warm step, of θ and one model's ``(cp, zmask)``.
-
-    Near a degenerate boundary the deviance can be quartic in a diagonal entry of Λ, where a small
-    gradient still leaves θ_jj ~ 1e-3 and the deviance ~1e-8 above the boundary optimum: the
-    optimiser's snap phase tries the boundary itself (lme4 reaches it through its bounds) and keeps
-    it unless worse.
+    ``label``: lme4's grouping name (``Subject``, ``cask:batch``); ``factor``: the grouping
+    column(s); ``names``: lme4's column names (``(Intercept)``, ``Days``); ``levels``: the
+    level labels (strings) in the backend's level order; ``source``: how it was written.
     """
 
-    def value_and_grad(theta, data):
-        return deviance_and_grad(theta, data[0], structure, reml)
+    label: str
+    factor: str
+    names: tuple[str, ...]
+    levels: tuple[str, ...]
+    source: str = ""
 
-    def warm(theta, data):
-        return em_update(theta, data[0], data[1], structure, reml)
+    @property
+    def q(self) -> int:
+        return len(self.names)
 
-    return value_and_grad, warm
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
 
 
-def fit_theta_many(
-    theta0: jax.Array,
-    cp: CrossProducts,
-    zmask: jax.Array,
-    structure: CovStructure,
-    reml: bool | jax.Array = True,
-    maxiter: int = 200,
-    gtol: float = 1e-6,
-    em_iter: int = 30,
-    working: int | None = None,
-) -> Solution:
-    """:func:`fit_theta` for M models at once: ``cp`` and ``zmask`` with a leading model axis.
+def _is_factor_vc(values: np.ndarray) -> bool:
+    """A variance component built from a factor's indicators (``0 + C(cask)``): one 1 per row."""
+    nz = values != 0
+    return bool(np.all((values == 0) | (values == 1)) and np.all(nz.sum(axis=1) <= 1))
 
-    Each model takes the same iterations as alone; ``working`` sets the working-set
-    width of :func:`mixedjax.optimize.minimize_many` (None: all M lanes together).
+
+def _level_of(column: str) -> str:
+    """``C(cask)[a]`` or ``cask[T.a]`` -> ``a``."""
+    m = re.search(r"\[(?:T\.)?([^\]]*)\]$", column)
+    return m.group(1) if m else column
+
+
+class LinearMixedModel:
+    """What every model offers, whatever its backend: fit, likelihood at given parameters, many responses.
+
+    Subclasses (:class:`MixedLM`, :class:`mixedjax.lmer.CrossedLM`) set ``backend``,
+    ``backend_data``, ``term_info``, ``endog``, ``exog``, ``exog_names``, ``weights``,
+    ``nobs``, ``k_fe`` and the naming conventions (``api``: ``"statsmodels"`` or ``"lme4"``).
     """
-    m = cp.nobs.shape[0]
-    vg, warm = _lane_functions(structure, reml)
-    return minimize_many(vg, jnp.broadcast_to(theta0, (m,) + theta0.shape), (cp, zmask),
-                         warm_value_and_step=warm, n_warm=em_iter, maxiter=maxiter, gtol=gtol,
-                         snap=structure.diagonal_theta(), snap_tol=SNAP_TOL, working=working)
+
+    api = "statsmodels"
+    residual: Any = None
+    formula: str | None = None
+    data: pd.DataFrame | None = None
+    designs: dict | None = None
+    reml = True
+
+    # ------------------------------------------------------------------ names and packing
+    @property
+    def n_cov_params(self) -> int:
+        return sum(t.n_theta for t in self.backend.terms)
+
+    @property
+    def residual_param_names(self) -> list[str]:
+        return self.backend.rho_names(None if self.residual is None else self.residual.strata_labels)
+
+    def cov_param_names(self) -> list[str]:
+        """Names of the variance rows of ``params``: statsmodels' (``Group Var``, ``Group x Time Cov``)."""
+        out = []
+        for t, info in zip(self.backend.terms, self.term_info, strict=True):
+            r, c = t.positions()
+            for i, j in zip(r, c, strict=True):
+                out.append(f"{info.label} {info.names[i]} Var" if i == j else
+                           f"{info.label} {info.names[j]} x {info.names[i]} Cov")
+        return out
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of ``params``: fixed effects, variance parameters, residual-structure parameters."""
+        return list(self.exog_names) + self.cov_param_names() + self.residual_param_names
+
+    def _reml(self, reml: bool | None) -> bool:
+        return self.reml if reml is None else bool(reml)
+
+    def _check_params(self, params: Any) -> jnp.ndarray:
+        pv = np.asarray(params, dtype=float).ravel()
+        expected = self.k_fe + self.n_cov_params + self.backend.n_rho
+        if pv.size != expected:
+            raise ValueError(f"params has {pv.size} entries; this model packs {expected} ({self.k_fe} fixed effects, "
+                             f"{self.n_cov_params} variance parameters, {self.backend.n_rho} residual parameters)")
+        return jnp.asarray(pv)
+
+    # ------------------------------------------------------------------------ likelihood
+    def loglike(self, params: Any, reml: bool | None = None, profile_fe: bool = True) -> float:
+        """Log-likelihood at statsmodels-packed ``params``, the scale profiled out.
+
+        ``params`` = fixed effects, each term's ``cov / scale`` lower triangle (row-major;
+        statsmodels' ``cov_re / scale`` then ``vcomp / scale``), then residual-structure
+        parameters on their natural scale (sd ratios, AR(1) φ).  With ``profile_fe``
+        (statsmodels' default) the fixed effects are replaced by their GLS estimate.
+        ``reml`` defaults to the criterion of the model's last fit (REML before any fit).
+        """
+        return float(loglike_params_jit(self.backend, self._check_params(params), self.backend_data,
+                                        self._reml(reml), profile_fe, self.k_fe))
+
+    def score(self, params: Any, reml: bool | None = None, profile_fe: bool = True) -> np.ndarray:
+        """Gradient of :meth:`loglike` with respect to the packed ``params`` (autodiff).
+
+        Differentiates through the square-root factor of ``cov / scale``, so it is NaN
+        where a variance in ``params`` is exactly 0 (the factor is not differentiable
+        there); :mod:`mixedjax.lindstrom_bates` has closed forms.
+        """
+        return np.asarray(score_params_jit(self.backend, self._check_params(params), self.backend_data,
+                                           self._reml(reml), profile_fe, self.k_fe))
+
+    def hessian(self, params: Any, reml: bool | None = None, profile_fe: bool = False) -> np.ndarray:
+        """Hessian of :meth:`loglike` with respect to the packed ``params`` (autodiff).
+
+        By default the fixed effects are not profiled, so the matrix has the
+        fixed-effects block statsmodels' ``hessian`` has.
+        """
+        return np.asarray(hessian_params_jit(self.backend, self._check_params(params), self.backend_data,
+                                             self._reml(reml), profile_fe, self.k_fe))
+
+    # ------------------------------------------------------------------------------- fit
+    def start_from_params(self, params: Any) -> np.ndarray:
+        """``concat(θ, ρ)`` from statsmodels-packed ``params`` (or an earlier result)."""
+        pv = np.asarray(self._check_params(getattr(params, "params", params)))
+        parts, off = [], self.k_fe
+        for t in self.backend.terms:
+            cov = np.zeros((t.q, t.q))
+            r, c = t.positions()
+            cov[r, c] = pv[off : off + t.n_theta]
+            cov[c, r] = pv[off : off + t.n_theta]
+            lam = np.diag(np.sqrt(np.clip(np.diag(cov), 0, None))) if t.diagonal else _psd_factor(cov)
+            parts.append(lam[r, c])
+            off += t.n_theta
+        parts.append(np.asarray(self.backend.rho_from_natural(pv[off:])))
+        return np.concatenate(parts)
+
+    def fit_options(self, maxiter: int | None, gtol: float | None, em_iter: int | None) -> dict:
+        out = {}
+        if maxiter is not None:
+            out["maxiter"] = int(maxiter)
+        if gtol is not None:
+            out["gtol"] = float(gtol)
+        if em_iter is not None:
+            out["em_iter"] = int(em_iter)
+        return out
+
+    def fit(self, reml: bool = True, start_params: Any = None, maxiter: int | None = None,
+            gtol: float | None = None, em_iter: int | None = None, **options: Any) -> MixedLMResults:
+        """Fit by REML (default) or ML with the backend's optimiser (:func:`mixedjax.fit.fit`).
+
+        Parameters
+        ----------
+        reml : bool
+            Restricted maximum likelihood (default) or maximum likelihood.
+        start_params : array_like or MixedLMResults, optional
+            Starting values in statsmodels' packing (``result.params`` of an earlier
+            fit restarts from it), or an earlier result.  Default: lme4's start, Λ = I.
+        maxiter : int
+            Maximum BFGS iterations (per-group models, default 200) or deviance
+            evaluations (crossed models, default 1000).
+        gtol : float
+            Per-group models: convergence when the largest absolute gradient entry of the
+            profiled deviance with respect to θ is below ``gtol`` (default 1e-6).
+        em_iter : int
+            Per-group models: maximum EM warm-start iterations (0 disables the warm start).
+        **options
+            Crossed models: ``ftol``, the predicted decrease of the deviance at which the
+            derivative-free search stops (default 1e-9).
+
+        Returns
+        -------
+        MixedLMResults
+            Warns with :class:`mixedjax.ConvergenceWarning` when the fit did not
+            converge or is singular (a variance estimate on the boundary, 0).
+        """
+        self.reml = bool(reml)
+        if start_params is None:
+            start = self.default_start()
+        elif isinstance(start_params, MixedLMResults):
+            start = start_params.fitted.theta_full
+        else:
+            start = self.start_from_params(start_params)
+        opts = {**self.default_options(), **self.fit_options(maxiter, gtol, em_iter), **options}
+        fm = fit_driver(self.backend, self.backend_data, self.reml, start, **opts)
+        return MixedLMResults(self, fm)
+
+    def default_start(self) -> np.ndarray | None:
+        return None
+
+    def default_options(self) -> dict:
+        return {}
+
+    def fit_many(self, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
+                 em_iter: int = 30, batch_size: int | None = None, progress: bool | None = None,
+                 shard: bool = True, working: int | None = None) -> Any:
+        """Fit one model per column of ``y`` (an (nobs, M) array or column names) in one vmapped call.
+
+        NaN in a column drops those rows for that model only (``n_dropped`` in the
+        results).  ``batch_size`` chunks the model axis to bound memory (one
+        compiled program for all chunks), with a progress bar when interactive
+        (``progress``); with several devices each chunk is sharded across them.
+        ``working`` is the width of the optimiser's working set: it changes the speed,
+        not the results.  Returns a :class:`mixedjax.batch.BatchResults` with arrays over
+        the model axis (``fe_params [M, p]``, ``cov_re [M, q, q]``, ``llf``, ``converged``,
+        ...), ``to_frame()`` and ``result_for(m)``.
+
+        Examples
+        --------
+        >>> import mixedjax, numpy as np
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> md = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days")
+        >>> Y = np.column_stack([d.Reaction, d.Reaction * 2.0])
+        >>> res = md.fit_many(Y)
+        >>> res.fe_params.shape, bool(res.converged.all())
+        ((2, 2), True)
+        """
+        return fit_many(self, y, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter, batch_size=batch_size,
+                        progress=progress, shard=shard, working=working)
 
 
-SNAP_TOL = 1e-2  # try diagonal entries of Λ below this at exactly 0 after the fit
-
-_FIT_STATIC = ("structure", "maxiter", "gtol", "em_iter")
-fit_theta = jax.jit(_fit_theta, static_argnames=_FIT_STATIC)
-fit_theta.__doc__ = _fit_theta.__doc__
-# XLA:CPU's newer fusion emitters compile these small-op programs more slowly than the classic
-# elemental emitter, at the same run time (10,000-model batch: compile ~1.9 s -> ~1.4 s).
-FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
-# One model at a time: with backend optimisation level 0 as well, the dietox fit compiles in ~0.7 s instead
-# of ~1.2 s (2-core CPU) and runs in 1 ms instead of 0.5 ms.  Batched fits (vmap over thousands of models)
-# keep the default level, where run time matters.
-_fit_theta_single = jax.jit(_fit_theta, static_argnames=_FIT_STATIC,
-                            compiler_options={**FAST_COMPILE, "xla_backend_optimization_level": 0})
-
-
-_loglike_jit = jax.jit(loglike_packed, static_argnames=("structure", "profile_fe"))
-_score_jit = jax.jit(jax.grad(loglike_packed), static_argnames=("structure", "profile_fe"))
-_hessian_jit = jax.jit(jax.hessian(loglike_packed), static_argnames=("structure", "profile_fe"))
+def _psd_factor(cov: np.ndarray) -> np.ndarray:
+    return psd_cholesky_np(cov)
 
 
 def _names_of(x: Any, default: str, k: int) -> list[str]:
@@ -122,7 +279,7 @@ def _as_2d(x: Any, what: str, nobs: int) -> np.ndarray:
     return a
 
 
-class MixedLM:
+class MixedLM(LinearMixedModel):
     """Linear mixed effects model, as statsmodels' ``MixedLM``, on a pure-JAX likelihood.
 
     For group i, ``y_i = X_i β + Z_i b_i + ε_i`` with ``b_i ~ N(0, cov_re)`` for the
@@ -241,7 +398,6 @@ class MixedLM:
         if bound is not None and bound.spec.ar1:  # AR(1): rows of a group in time order
             gi = gi._replace(position=residuals.time_positions(gi.codes, bound.time))
         self.residual = bound
-        self._gi = gi
         self.group_labels = gi.labels
         self.n_groups = len(gi.labels)
         if z_re.shape[1]:
@@ -260,7 +416,6 @@ class MixedLM:
                 vcs.append(fml.vc_from_dict(str(name), blocks, gi.labels, gi.codes, nobs))
         if z_re.shape[1] == 0 and not vcs:
             raise ValueError("the model has no random effects: give exog_re, re_formula or variance components")
-        self._vcs = vcs
         self.structure = CovStructure(
             q_re=z_re.shape[1],
             vc_sizes=tuple(v.size for v in vcs),
@@ -270,7 +425,6 @@ class MixedLM:
         z = np.concatenate([z_re] + [v.values for v in vcs], axis=1)
         self.endog, self.exog, self.exog_re, self.weights = y, x, z_re, w
         self.groups = groups_arr.to_numpy()
-        self._z = z
         self.nobs = nobs
         self.k_fe = x.shape[1]
         self.k_re = z_re.shape[1]
@@ -279,169 +433,73 @@ class MixedLM:
         self.group_sizes = gi.sizes
 
         g_pad, n_pad = bucket(self.n_groups), bucket(gi.n_max)
-        self._padded: GroupedData = pad_groups(gi, y, x, z, w, g_pad, n_pad)
-        self._cp: CrossProducts = cross_products_jit(self._padded)
-        if bound is not None:
-            strata = np.zeros((g_pad, n_pad), dtype=np.int64)
-            if bound.strata is not None:
-                strata[gi.codes, gi.position] = bound.strata
-            self._strata = jnp.asarray(strata)
+        padded = pad_groups(gi, y, x, z, w, g_pad, n_pad)
+        strata = np.zeros((g_pad, n_pad), dtype=np.int64)
+        if bound is not None and bound.strata is not None:
+            strata[gi.codes, gi.position] = bound.strata
         zmask = np.zeros((g_pad, self.structure.q))
         zmask[: self.n_groups, : self.k_re] = 1.0
         off = self.k_re
+        vc_group, vc_col = [], []
         for v in vcs:
+            gs, cs = [], []
             for g, nm in enumerate(v.names):
                 zmask[g, off : off + len(nm)] = 1.0
+                gs += [g] * len(nm)
+                cs += list(range(off, off + len(nm)))
+            vc_group.append(jnp.asarray(np.array(gs, dtype=np.int32)))
+            vc_col.append(jnp.asarray(np.array(cs, dtype=np.int32)))
             off += v.size
-        self._zmask = jnp.asarray(zmask)
-        self.reml = True
+        self.group_index = gi
+        self.vc_designs = vcs
+        self.exog_vc_matrix = z[:, self.k_re :]
+        self.backend = GroupedBackend(self.structure, None if bound is None else bound.spec)
+        self.backend_data = GroupedModelData(padded, cross_products_jit(padded), jnp.asarray(zmask),
+                                             jnp.asarray(strata), jnp.asarray(gi.codes.astype(np.int32)),
+                                             jnp.asarray(gi.position.astype(np.int32)), tuple(vc_group),
+                                             tuple(vc_col))
         self.group_name = names.get("group_name") or (
             str(groups.name) if isinstance(groups, pd.Series) and groups.name is not None else "Group")
         self.formula: str | None = names.get("formula")
         self.data: pd.DataFrame | None = None
         self.designs: dict | None = None
+        self.lmer_terms: list | None = None
+        self.set_term_info()
 
-    def _cp_at(self, rho: Any) -> CrossProducts:
-        """Cross-products whitened by the residual structure at its unconstrained parameters ``rho``."""
-        if self.residual is None:
-            return self._cp
-        return residuals.whitened_cross_products_jit(self._padded, self._strata, jnp.asarray(rho, dtype=float),
-                                                     self.residual.spec)
+    def set_term_info(self, lme4_labels: dict | None = None) -> None:
+        """Names of the terms (:class:`TermInfo`), in the backend's θ order: the correlated block, then each
+        variance component (``cask:Group`` levels for a factor's indicators).  ``lme4_labels`` (lmer models):
+        the lme4 label of each variance component, by its name."""
+        labels = [str(v) for v in self.group_labels]
+        info = []
+        if self.k_re:
+            names = tuple("(Intercept)" if n in ("Group", "Intercept") else n for n in self.exog_re_names)
+            info.append(TermInfo(self.group_name, self.group_name, names, tuple(labels)))
+        for v in self.vc_designs:
+            factor = _is_factor_vc(v.values)
+            levels = []
+            for g, nm in enumerate(v.names):
+                levels += [f"{_level_of(col)}:{labels[g]}" if factor else labels[g] for col in nm]
+            if lme4_labels and v.name in lme4_labels:
+                label, col = lme4_labels[v.name]
+            elif factor:
+                label, col = f"{v.name}:{self.group_name}", "(Intercept)"
+            else:
+                label, col = self.group_name, (v.names[0][0] if v.names and v.names[0] else v.name)
+            info.append(TermInfo(label, label, (col,), tuple(levels), v.name))
+        self.term_info = info
 
-    # ------------------------------------------------------------------ names
+    def cov_param_names(self) -> list[str]:
+        """statsmodels' names for the variance rows: ``Group Var``, ``Group x Time Cov``, ``cask Var``."""
+        return self.structure.cov_param_names()
+
+    # statsmodels' names of the layout
     @property
-    def param_names(self) -> list[str]:
-        """statsmodels' names of ``params``: fixed effects, then ``Group Var`` etc."""
-        return list(self.exog_names) + self.structure.cov_param_names()
+    def groups_codes(self) -> np.ndarray:
+        return self.group_index.codes
 
-    # ------------------------------------------------------------ likelihood
-    def _reml(self, reml: bool | None) -> bool:
-        return self.reml if reml is None else bool(reml)
-
-    def loglike(self, params: Any, reml: bool | None = None, profile_fe: bool = True) -> float:
-        """Log-likelihood at statsmodels-packed ``params``, the scale profiled out.
-
-        ``params`` = fixed effects, lower triangle (row-major) of ``cov_re / scale``,
-        ``vcomp / scale``.  With ``profile_fe`` (statsmodels' default) the fixed
-        effects are replaced by their GLS estimate.  ``reml`` defaults to the
-        criterion of the model's last fit (REML before any fit).
-        """
-        pv = self._check_params(params)
-        return float(_loglike_jit(pv, self._cp, self.structure, self._reml(reml), profile_fe))
-
-    def score(self, params: Any, reml: bool | None = None, profile_fe: bool = True) -> np.ndarray:
-        """Gradient of :meth:`loglike` with respect to the packed ``params`` (autodiff).
-
-        Differentiates through the square-root factor of ``cov_re / scale``, so it is
-        NaN where a variance in ``params`` is exactly 0 (the factor is not
-        differentiable there); :mod:`mixedjax.lindstrom_bates` has closed forms.
-        """
-        pv = self._check_params(params)
-        return np.asarray(_score_jit(pv, self._cp, self.structure, self._reml(reml), profile_fe))
-
-    def hessian(self, params: Any, reml: bool | None = None, profile_fe: bool = False) -> np.ndarray:
-        """Hessian of :meth:`loglike` with respect to the packed ``params`` (autodiff).
-
-        By default the fixed effects are not profiled, so the matrix has the
-        fixed-effects block statsmodels' ``hessian`` has.
-        """
-        pv = self._check_params(params)
-        return np.asarray(_hessian_jit(pv, self._cp, self.structure, self._reml(reml), profile_fe))
-
-    def _check_params(self, params: Any) -> jax.Array:
-        fe, cov, vc = unpack_params(np.asarray(params, dtype=float), self.k_fe, self.structure)
-        return jnp.asarray(np.asarray(params, dtype=float))
-
-    # ------------------------------------------------------------------- fit
-    def fit(
-        self,
-        reml: bool = True,
-        start_params: Any = None,
-        maxiter: int = 200,
-        gtol: float = 1e-6,
-        em_iter: int = 30,
-    ) -> MixedLMResults:  # noqa: F821 - defined in results
-        """Fit by REML (default) or ML: EM warm start, then BFGS, then a gradient polish, all in JAX.
-
-        Parameters
-        ----------
-        reml : bool
-            Restricted maximum likelihood (default) or maximum likelihood.
-        start_params : array_like or MixedLMResults, optional
-            Starting values in statsmodels' packing (``result.params`` of an
-            earlier fit restarts from it), or an earlier result.  Default:
-            lme4's start, Λ = I.
-        maxiter : int
-            Maximum BFGS iterations.
-        gtol : float
-            Convergence when the largest absolute gradient entry of the profiled
-            deviance with respect to θ is below ``gtol``.
-        em_iter : int
-            Maximum EM warm-start iterations (0 disables the warm start).
-
-        Returns
-        -------
-        MixedLMResults
-            Warns with :class:`mixedjax.ConvergenceWarning` when the fit did not
-            converge or is singular (a variance estimate on the boundary, 0).
-        """
-        from .results import MixedLMResults
-
-        results_class = getattr(self, "_results_class", None) or MixedLMResults
-        self.reml = bool(reml)
-        if start_params is None:
-            theta0 = self.structure.theta_start()
-        else:
-            sp = getattr(start_params, "params", start_params)
-            _, cov, vc = unpack_params(np.asarray(sp, dtype=float), self.k_fe, self.structure)
-            theta0 = profile_to_theta(cov, vc, self.structure)
-        if self.residual is None:
-            sol = _fit_theta_single(jnp.asarray(theta0, dtype=self._cp.xtx.dtype), self._cp, self._zmask,
-                                    self.structure, reml=self.reml, maxiter=int(maxiter), gtol=float(gtol),
-                                    em_iter=int(em_iter))
-        else:
-            rho0 = getattr(start_params, "residual_params", None)
-            rho0 = residuals.residual_start(self.residual.spec) if rho0 is None else np.asarray(rho0, float)
-            sol = residuals.fit_theta_structured(
-                jnp.asarray(np.concatenate([theta0, rho0]), dtype=self._cp.xtx.dtype), self._padded, self._strata,
-                self._zmask, self.structure, self.residual.spec, reml=self.reml, maxiter=int(maxiter),
-                gtol=float(gtol), em_iter=int(em_iter))
-        sol = jax.device_get(sol)
-        x = np.asarray(sol.x)
-        n_re = self.structure.n_theta
-        theta = np.concatenate([normalize_theta(x[:n_re], self.structure), x[n_re:]])
-        return results_class(self, theta, sol, self.reml)
-
-    def fit_many(self, y: Any, reml: bool = True, maxiter: int = 200, gtol: float = 1e-6,
-                 em_iter: int = 30, batch_size: int | None = None, progress: bool | None = None,
-                 shard: bool = True, working: int | None = None) -> Any:
-        """Fit one model per column of ``y`` (an (nobs, M) array or column names) in one vmapped call.
-
-        NaN in a column drops those rows for that model only (``n_dropped`` in the
-        results).  ``batch_size`` chunks the model axis to bound memory (one
-        compiled program for all chunks), with a progress bar when interactive
-        (``progress``); with several devices each chunk is sharded across them.
-        ``working`` is the width of the optimiser's working set (default: an eighth
-        of a chunk, at least 1,024; every lane at once for chunks up to 2,048 models
-        or when sharded): slow models then cost narrow iterations.  It changes the
-        speed, not the results.  Returns a :class:`mixedjax.batch.BatchResults` with arrays over the model
-        axis (``fe_params [M, p]``, ``cov_re [M, q, q]``, ``llf``, ``converged``,
-        ...), ``to_frame()`` and ``result_for(m)``.
-
-        Examples
-        --------
-        >>> import mixedjax, numpy as np
-        >>> d = mixedjax.datasets.load("sleepstudy")
-        >>> md = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days")
-        >>> Y = np.column_stack([d.Reaction, d.Reaction * 2.0])
-        >>> res = md.fit_many(Y)
-        >>> res.fe_params.shape, bool(res.converged.all())
-        ((2, 2), True)
-        """
-        from .batch import fit_many
-
-        return fit_many(self, y, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter, batch_size=batch_size,
-                        progress=progress, shard=shard, working=working)
+    def default_options(self) -> dict:
+        return {"maxiter": 200, "gtol": 1e-6, "em_iter": 30 if self.residual is None else 50}
 
     @classmethod
     def from_formula(

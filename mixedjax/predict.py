@@ -132,7 +132,7 @@ def predict(res: MixedLMResults, exog: Any = None, conditional: bool = False, se
     if conditional:
         raise ValueError("standard errors are available for population-level predictions only "
                          "(conditional=False)")
-    sd = np.sqrt(np.einsum("ij,jk,ik->i", x, res._cov_fe, x))
+    sd = np.sqrt(np.einsum("ij,jk,ik->i", x, res.cov_fe, x))
     z = stats.norm.ppf(1 - alpha / 2)
     return pd.DataFrame({"mean": mean, "mean_se": sd, "mean_ci_lower": mean - z * sd,
                          "mean_ci_upper": mean + z * sd}, index=index)

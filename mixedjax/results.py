@@ -1,10 +1,15 @@
-"""Fitted-model results with statsmodels' names (and lme4's where only lme4 has one)."""
+"""Fitted-model results with statsmodels' names (and lme4's where only lme4 has one): one class for every model.
+
+:class:`MixedLMResults` reads a :class:`mixedjax.fit.FittedModel` (backend, data, θ̂, β̂,
+σ̂²) and the model's term names; it never looks inside a backend, so every model kind
+(one grouping factor, nested, crossed, structured residuals) gets every attribute.
+"""
 
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,21 +17,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .covariance import pack_params, theta_to_profile
+from .backends import conditional_jit, info_natural_jit, natural_from_fit, natural_size
+from .fit import ConvergenceWarning, FittedModel
 from .inference import InferenceMixin
-from .likelihood import blups, loglike_natural, profile
 from .optimize import Result
 from .residuals import describe as _residual_describe
-
-if TYPE_CHECKING:
-    from .model import MixedLM
-
-
-class ConvergenceWarning(UserWarning):
-    """A fit did not converge, or converged to a singular (boundary) estimate."""
-
+from .terms import diagonal_theta, factors_np
 
 SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of θ
+
+__all__ = ["ConvergenceWarning", "MixedLMResults", "OptimSummary", "SINGULAR_TOL", "Summary"]
 
 
 class OptimSummary(NamedTuple):
@@ -44,11 +44,6 @@ class OptimSummary(NamedTuple):
     converged: bool
     result: Result
     message: str
-
-
-_profile_jit = jax.jit(profile, static_argnames=("structure",))
-_blups_jit = jax.jit(blups, static_argnames=("structure",))
-_info_jit = jax.jit(jax.hessian(loglike_natural), static_argnames=("structure",))
 
 
 class Summary:
@@ -89,34 +84,50 @@ class Summary:
         return self.as_text()
 
 
+def _unique_labels(labels: list[str]) -> list[str]:
+    """lme4's term names: a repeated grouping label gets ``.1``, ``.2``, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        k = seen.get(lab, 0)
+        out.append(lab if k == 0 else f"{lab}.{k}")
+        seen[lab] = k + 1
+    return out
+
+
 class MixedLMResults(InferenceMixin):
-    """Results of :meth:`MixedLM.fit`, with statsmodels' attribute names.
+    """Results of a fit, with statsmodels' attribute names: the same class for every model kind.
 
     Attributes
     ----------
+    fitted : mixedjax.fit.FittedModel
+        What every feature reads: backend, data, θ̂, ρ̂, β̂, σ̂², Cov(β̂).
     fe_params : pandas.Series
         Fixed effects β̂.
     cov_re : pandas.DataFrame
-        Covariance matrix of the correlated random effects (natural scale).
+        Covariance matrix of the first random-effects term (the correlated block of a
+        ``mixedlm`` model; the factor with most levels of a crossed model), natural scale.
     vcomp : numpy.ndarray
-        Variance-component variances (natural scale).
+        Variances of every other term's random effects (variance components), natural scale.
     scale : float
         Residual variance σ̂².
     params : pandas.Series
-        statsmodels' packing: ``fe_params``, lower triangle of ``cov_re / scale``,
-        ``vcomp / scale``.
+        statsmodels' packing: ``fe_params``, each term's covariance lower triangle divided
+        by ``scale`` (``cov_re / scale``, ``vcomp / scale``), then the residual-structure
+        parameters on their natural scale (VarIdent sd ratios, AR(1) φ).
     llf : float
         Log-likelihood (REML criterion for REML fits).
     aic, bic : float
         ``-2 llf + 2 k`` and ``-2 llf + k log(nobs)`` with lme4's count
-        ``k = k_fe + (variance parameters) + 1`` (the residual variance), for ML and
-        REML fits alike (lme4 reports both; statsmodels gives NaN for REML).
+        ``k = k_fe + (variance parameters) + 1`` (+ residual-structure parameters).
     bse_fe : pandas.Series
         Standard errors of the fixed effects, lme4's: ``sqrt(diag(scale (X'V⁻¹X)⁻¹))``.
     bse_re : pandas.Series
-        Standard errors of ``cov_re`` (lower triangle) and ``vcomp`` on the natural
-        scale, from the observed information of the (restricted) likelihood.
-    optim : OptSummary
+        Standard errors of the variance parameters on the natural scale (and of the
+        residual-structure parameters), from the observed information of the
+        (restricted) likelihood.  NaN only where the information is singular (a
+        boundary estimate).
+    optim : OptimSummary
         How the optimisation went.
 
     Examples
@@ -128,50 +139,57 @@ class MixedLMResults(InferenceMixin):
     10.4673
     """
 
-    def __init__(self, model: MixedLM, theta: np.ndarray, sol: Any, reml: bool) -> None:
+    def __init__(self, model: Any, fitted: FittedModel) -> None:
         self.model = model
-        self.reml = reml
-        self.method = "REML" if reml else "ML"
-        st = model.structure
-        theta = np.asarray(theta, dtype=float)
-        # structured residuals (mixedjax.residuals): their parameters follow the random-effects θ
-        bound = getattr(model, "residual", None)
-        self.residual_params = theta[st.n_theta :]
-        self.theta = theta[: st.n_theta]
-        self._cp = model._cp if bound is None else model._cp_at(self.residual_params)
+        self.fitted = fitted
+        self.reml = fitted.reml
+        self.method = "REML" if self.reml else "ML"
+        backend = fitted.backend
+        self.theta = np.asarray(fitted.theta)
+        self.residual_params = np.asarray(fitted.rho)
+        bound = model.residual
         self.residual_structure = {} if bound is None else _residual_describe(bound, self.residual_params)
-        pr = jax.device_get(_profile_jit(jnp.asarray(self.theta), self._cp, st, reml))
-        self._profiled = pr
-        self.scale = float(pr.sigma2)
-        self.llf = float(-0.5 * pr.deviance)
+        self.scale = float(fitted.sigma2)
+        self.llf = float(fitted.llf)
         self.nobs = model.nobs
-        self.ngroups = model.n_groups
-        self.k_fe, self.k_re, self.k_re2, self.k_vc = model.k_fe, model.k_re, model.k_re2, model.k_vc
-        cov_re1, vcomp1 = theta_to_profile(self.theta, st)
-        self.cov_re_unscaled = cov_re1
-        self.fe_params = pd.Series(np.asarray(pr.beta, dtype=float), index=model.exog_names)
-        self.cov_re = pd.DataFrame(cov_re1 * self.scale, index=model.exog_re_names, columns=model.exog_re_names)
-        self.vcomp = np.asarray(vcomp1 * self.scale, dtype=float)
-        self.params = pd.Series(pack_params(self.fe_params.to_numpy(), cov_re1, vcomp1, st),
-                                index=model.param_names)
-        a = np.asarray(pr.normal.a, dtype=float)
-        self._cov_fe = self.scale * np.linalg.inv(a)
-        self.df_modelwc = self.k_fe + st.n_cov_params + 1 + len(self.residual_params)
+        self.k_fe = model.k_fe
+        self.fe_params = pd.Series(np.asarray(fitted.beta, float), index=model.exog_names)
+        self.term_covs = [self.scale * f @ f.T for f in _factors(self.theta, backend)]
+        infos = model.term_info
+        self.term_labels = _unique_labels([t.label for t in infos])
+        self.ngroups = model.n_groups if model.api == "statsmodels" else {t.label: t.n_levels for t in infos}
+        first = 1 if getattr(model, "k_re", 0) else 0
+        if first:
+            names = list(model.exog_re_names) if model.api == "statsmodels" else list(infos[0].names)
+            self.cov_re = pd.DataFrame(self.term_covs[0], index=names, columns=names)
+        else:
+            self.cov_re = pd.DataFrame(np.zeros((0, 0)))
+        rest = self.term_covs[first:]
+        self.vcomp = np.concatenate([np.diag(c) for c in rest]) if rest else np.zeros(0)
+        self.k_re = self.cov_re.shape[0]
+        self.k_re2 = self.k_re * (self.k_re + 1) // 2
+        self.k_vc = len(self.vcomp)
+        nat = natural_from_fit(backend, fitted.theta_full, self.scale)
+        n_cov = model.n_cov_params
+        vals = np.concatenate([self.fe_params.to_numpy(), nat[:n_cov] / self.scale, nat[n_cov:]])
+        self.params = pd.Series(vals, index=model.param_names)
+        self.df_modelwc = self.k_fe + n_cov + 1 + len(self.residual_params)
         self.aic = -2.0 * self.llf + 2.0 * self.df_modelwc
         self.bic = -2.0 * self.llf + np.log(self.nobs) * self.df_modelwc
-
+        sol = fitted.solution
         result = Result(int(sol.result))
+        message = result.message
+        if backend.kind == "crossed" and result == Result.CONVERGED:
+            message = "converged: predicted decrease of the deviance below ftol (derivative-free)"
         self.optim = OptimSummary(
-            theta_start=np.asarray(sol.x_start), theta=theta, deviance_start=float(sol.value_start),
+            theta_start=np.asarray(sol.x_start), theta=fitted.theta_full, deviance_start=float(sol.value_start),
             deviance=float(sol.value), iterations=int(sol.iterations), em_iterations=int(sol.warm_iterations),
             polish_iterations=int(sol.polish_iterations), evaluations=int(sol.evaluations),
-            grad_norm=float(sol.grad_norm), converged=bool(result <= Result.NO_PROGRESS), result=result,
-            message=result.message,
-        )
+            grad_norm=float(sol.grad_norm), converged=fitted.converged, result=result, message=message)
         self.converged = self.optim.converged
         self.mle_retvals = {"converged": self.converged, "iterations": self.optim.iterations,
                             "message": self.optim.message, "grad_norm": self.optim.grad_norm}
-        diag = st.diagonal_theta()
+        diag = diagonal_theta(backend.terms)
         self.singular = bool(np.any(np.abs(self.theta[diag]) < SINGULAR_TOL))
         if not np.isfinite(self.llf):
             raise FloatingPointError(
@@ -183,28 +201,42 @@ class MixedLMResults(InferenceMixin):
                           "see result.optim, or refit with start_params=result.params",
                           ConvergenceWarning, stacklevel=3)
         if self.singular:
-            names = [n for n, d, t in zip(st.theta_names(), diag, self.theta, strict=True)
+            names = [n for n, d, t in zip(self.theta_names, diag, self.theta, strict=True)
                      if d and abs(t) < SINGULAR_TOL]
             warnings.warn(f"the fit is singular: the estimate is on the boundary of the parameter space "
                           f"(a variance of 0 or a correlation of ±1; θ ≈ 0 for {names})",
                           ConvergenceWarning, stacklevel=3)
 
+    @property
+    def theta_names(self) -> list[str]:
+        """One name per θ entry: ``term column`` (diagonal) or ``term column1 x column2``."""
+        out = []
+        for t, info, lab in zip(self.fitted.backend.terms, self.model.term_info, self.term_labels, strict=True):
+            r, c = t.positions()
+            out += [f"{lab} {info.names[i]}" if i == j else f"{lab} {info.names[j]} x {info.names[i]}"
+                    for i, j in zip(r, c, strict=True)]
+        return out
+
     # --------------------------------------------------------- uncertainty
+    @property
+    def cov_fe(self) -> np.ndarray:
+        """``Cov(β̂) = scale (X'V⁻¹X)⁻¹`` (lme4's ``vcov``)."""
+        return self.fitted.cov_beta
+
     @functools.cached_property
-    def _cov_var_natural(self) -> np.ndarray:
-        """Covariance of the natural-scale variance parameters (cov_re tril, vcomp), inverse information."""
-        st = self.model.structure
-        r, c = st.re_tril
-        v = np.concatenate([self.cov_re.to_numpy()[r, c], self.vcomp, [self.scale]])
-        h = np.asarray(_info_jit(jnp.asarray(v), jnp.asarray(self.fe_params.to_numpy()), self._cp, st,
-                                 self.reml))
-        k = st.n_cov_params
+    def cov_natural(self) -> np.ndarray:
+        """Inverse observed information of the natural-scale variance parameters (each term's covariance
+        entries, then the residual-structure parameters on their natural scale), β held at β̂."""
+        fm = self.fitted
+        backend = fm.backend
+        v = np.concatenate([natural_from_fit(backend, fm.theta_full, self.scale), [self.scale]])
+        h = np.asarray(info_natural_jit(backend, jnp.asarray(v), jnp.asarray(fm.beta), fm.data, self.reml))
+        k = natural_size(backend)
         if not np.all(np.isfinite(h)):
-            return np.full((k, k), np.nan)
+            return _boundary_nan(h, k)
         try:
-            w = np.linalg.eigvalsh(-h)
-            if w.min() <= 0:
-                return np.full((k, k), np.nan)
+            if np.linalg.eigvalsh(-h).min() <= 0:
+                return _boundary_nan(h, k)
             return np.linalg.inv(-h)[:k, :k]
         except np.linalg.LinAlgError:
             return np.full((k, k), np.nan)
@@ -212,23 +244,26 @@ class MixedLMResults(InferenceMixin):
     def cov_params(self) -> pd.DataFrame:
         """Covariance of ``params``, with statsmodels' scaling.
 
-        Fixed-effects block: ``scale (X'V⁻¹X)⁻¹`` (lme4's).  Variance block: the
-        inverse observed information of the natural-scale variances divided by
-        ``scale`` (so ``bse_re = sqrt(scale * diag)``, as in statsmodels).
+        Fixed-effects block: ``scale (X'V⁻¹X)⁻¹`` (lme4's).  Variance block: the inverse
+        observed information of the natural-scale variances divided by ``scale`` (so
+        ``bse_re = sqrt(scale * diag)``, as statsmodels); residual-structure block:
+        natural scale.
         """
-        k = self.k_fe + self.model.structure.n_cov_params
+        n_cov = self.model.n_cov_params
+        k = len(self.params)
         out = np.zeros((k, k))
-        out[: self.k_fe, : self.k_fe] = self._cov_fe
-        out[self.k_fe :, self.k_fe :] = self._cov_var_natural / self.scale
+        out[: self.k_fe, : self.k_fe] = self.cov_fe
+        scl = np.concatenate([np.full(n_cov, 1.0 / self.scale), np.ones(len(self.residual_params))])
+        out[self.k_fe :, self.k_fe :] = self.cov_natural * np.sqrt(np.outer(scl, scl))
         return pd.DataFrame(out, index=self.params.index, columns=self.params.index)
 
     @property
     def bse_fe(self) -> pd.Series:
-        return pd.Series(np.sqrt(np.diag(self._cov_fe)), index=self.fe_params.index)
+        return pd.Series(np.sqrt(np.diag(self.cov_fe)), index=self.fe_params.index)
 
     @property
     def bse_re(self) -> pd.Series:
-        return pd.Series(np.sqrt(np.diag(self._cov_var_natural)), index=self.params.index[self.k_fe :])
+        return pd.Series(np.sqrt(np.diag(self.cov_natural)), index=self.params.index[self.k_fe :])
 
     @property
     def bse(self) -> pd.Series:
@@ -252,54 +287,91 @@ class MixedLMResults(InferenceMixin):
         if method != "wald":
             return self.conf_int_lme4(method, alpha, **kwargs)
         z = stats.norm.ppf(1 - alpha / 2)
-        lo = self.params - z * self.bse
-        hi = self.params + z * self.bse
-        return pd.DataFrame({0: lo, 1: hi})
+        return pd.DataFrame({0: self.params - z * self.bse, 1: self.params + z * self.bse})
 
     # ------------------------------------------------------ random effects
     @functools.cached_property
-    def _blups(self) -> tuple[np.ndarray, np.ndarray]:
-        b = jax.device_get(_blups_jit(jnp.asarray(self.theta), self._cp, self.model.structure, self.reml))
-        return np.asarray(b.b), np.asarray(b.cov)
+    def conditional(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per term, conditional modes ``(l_k, q_k)`` and conditional covariances ``(l_k, q_k, q_k)``
+        (natural scale: lme4's ``ranef(condVar = TRUE)``)."""
+        fm = self.fitted
+        modes, covs = jax.device_get(conditional_jit(fm.backend, jnp.asarray(fm.theta_full), fm.data,
+                                                     jnp.asarray(fm.beta)))
+        return [np.asarray(b) for b in modes], [self.scale * np.asarray(c) for c in covs]
 
-    def _re_names(self, g: int) -> tuple[list[str], np.ndarray]:
-        """Names of group g's random effects and their positions in the padded q columns."""
-        names = list(self.model.exog_re_names)
-        pos = list(range(self.k_re))
-        off = self.k_re
-        for v in self.model._vcs:
-            nm = v.names[g]
-            names += nm
-            pos += list(range(off, off + len(nm)))
-            off += v.size
-        return names, np.array(pos, dtype=int)
-
-    @property
-    def random_effects(self) -> dict[Any, pd.Series]:
-        """Conditional modes (BLUPs) per group: ``{group label: Series}`` (statsmodels' layout)."""
-        b, _ = self._blups
+    def _per_group(self, covariance: bool) -> dict:
+        """statsmodels' layout: ``{group label: Series}`` (or DataFrame covariances), every term of the group."""
+        m = self.model
+        modes, covs = self.conditional
         out = {}
-        for g, lab in enumerate(self.model.group_labels):
-            names, pos = self._re_names(g)
-            out[lab] = pd.Series(b[g, pos], index=names)
+        infos = m.term_info
+        first = 1 if m.k_re else 0
+        vc_entries: list[list[tuple[int, str, float, float]]] = [[] for _ in m.group_labels]
+        for k, v in enumerate(m.vc_designs):
+            j = 0
+            for g, names in enumerate(v.names):
+                for nm in names:
+                    vc_entries[g].append((k, nm, modes[first + k][j, 0], covs[first + k][j, 0, 0]))
+                    j += 1
+        for g, lab in enumerate(m.group_labels):
+            names = list(m.exog_re_names) if first else []
+            vals = list(modes[0][g]) if first else []
+            diag_blocks = [covs[0][g]] if first else []
+            for _, nm, b, c in vc_entries[g]:
+                names.append(nm)
+                vals.append(b)
+                diag_blocks.append(np.array([[c]]))
+            if covariance:
+                q = len(names)
+                mat = np.zeros((q, q))
+                off = 0
+                for blk in diag_blocks:
+                    n = blk.shape[0]
+                    mat[off : off + n, off : off + n] = blk
+                    off += n
+                out[lab] = pd.DataFrame(mat, index=names, columns=names)
+            else:
+                out[lab] = pd.Series(vals, index=names, dtype=float)
+        del infos
         return out
 
     @property
-    def random_effects_cov(self) -> dict[Any, pd.DataFrame]:
-        """Conditional covariance of each group's random effects, ``scale Λ M⁻¹ Λᵀ`` (lme4's condVar)."""
-        _, cov = self._blups
-        out = {}
-        for g, lab in enumerate(self.model.group_labels):
-            names, pos = self._re_names(g)
-            out[lab] = pd.DataFrame(cov[g][np.ix_(pos, pos)], index=names, columns=names)
+    def random_effects(self) -> dict:
+        """Conditional modes (BLUPs).
+
+        ``mixedlm`` models: ``{group label: Series}`` (statsmodels' layout).  ``lmer``
+        models: ``{grouping factor: DataFrame(levels x columns)}`` (lme4's ``ranef``).
+        """
+        if self.model.api == "statsmodels":
+            return self._per_group(covariance=False)
+        modes, _ = self.conditional
+        out: dict[str, pd.DataFrame] = {}
+        for info, b in zip(self.model.term_info, modes, strict=True):
+            df = pd.DataFrame(b, index=list(info.levels), columns=list(info.names))
+            out[info.label] = df if info.label not in out else out[info.label].join(df, how="outer",
+                                                                                    rsuffix=".1")
         return out
+
+    @property
+    def random_effects_cov(self) -> dict:
+        """Conditional covariances of the random effects (lme4's condVar), natural scale.
+
+        ``mixedlm`` models: ``{group label: DataFrame}`` over the group's random effects
+        (statsmodels' layout; one block per term).  ``lmer`` models: ``{term label: array
+        (levels, q, q)}`` with the term's levels in ``model.term_info``.
+        """
+        if self.model.api == "statsmodels":
+            return self._per_group(covariance=True)
+        _, covs = self.conditional
+        return dict(zip(self.term_labels, covs, strict=True))
 
     @functools.cached_property
     def fittedvalues(self) -> np.ndarray:
         """``X β̂ + Z b̂`` per row (conditional fitted values), in the model's row order."""
-        b, _ = self._blups
-        m = self.model
-        return m.exog @ self.fe_params.to_numpy() + np.einsum("nq,nq->n", m._z, b[m._gi.codes])
+        fm = self.fitted
+        modes, _ = self.conditional
+        return np.asarray(fm.backend.fixed_part(jnp.asarray(fm.beta), fm.data)
+                          + fm.backend.row_effects([jnp.asarray(b) for b in modes], fm.data))
 
     @property
     def resid(self) -> np.ndarray:
@@ -309,48 +381,62 @@ class MixedLMResults(InferenceMixin):
     def varcorr(self) -> pd.DataFrame:
         """Variances and covariances as lme4's ``as.data.frame(VarCorr(fit))``.
 
-        Columns ``group, var1, var2, vcov, sdcor``: per term, the variances, then
-        the covariances (``sdcor`` is then the correlation); the residual last.
+        Columns ``group, var1, var2, vcov, sdcor``: per term, the variances, then the
+        covariances (``sdcor`` is then the correlation); the residual last.
         """
-        m = self.model
         rows = []
-        gname = getattr(m, "group_name", "Group")
-        names = ["(Intercept)" if n == "Group" else n for n in m.exog_re_names]
-        cov = self.cov_re.to_numpy()
-        sd = np.sqrt(np.clip(np.diag(cov), 0, None))
-        for i, n in enumerate(names):
-            rows.append((gname, n, None, cov[i, i], sd[i]))
-        for j in range(len(names)):
-            for i in range(j + 1, len(names)):
-                corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else np.nan
-                rows.append((gname, names[j], names[i], cov[i, j], corr))
-        for name, v in zip(m.structure.vc_names, self.vcomp, strict=True):
-            rows.append((name, "(Intercept)", None, v, np.sqrt(max(v, 0.0))))
+        for info, cov, lab in zip(self.model.term_info, self.term_covs, self.term_labels, strict=True):
+            group = info.source if (self.model.api == "statsmodels" and info.source) else lab
+            sd = np.sqrt(np.clip(np.diag(cov), 0, None))
+            for i, n in enumerate(info.names):
+                rows.append((group, n, None, cov[i, i], sd[i]))
+            for j in range(len(info.names)):
+                for i in range(j + 1, len(info.names)):
+                    corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else np.nan
+                    rows.append((group, info.names[j], info.names[i], cov[i, j], corr))
         rows.append(("Residual", None, None, self.scale, np.sqrt(self.scale)))
         return pd.DataFrame(rows, columns=["group", "var1", "var2", "vcov", "sdcor"])
 
+    @property
+    def cov_terms(self) -> dict[str, pd.DataFrame]:
+        """Covariance matrix of each term's random effects (natural scale), by term label."""
+        return {lab: pd.DataFrame(c, index=list(t.names), columns=list(t.names))
+                for lab, t, c in zip(self.term_labels, self.model.term_info, self.term_covs, strict=True)}
+
+    def _terms_text(self) -> str:
+        lines = ["Random effects (one block per term):"]
+        for lab, t, cov in zip(self.term_labels, self.model.term_info, self.term_covs, strict=True):
+            lines.append(f"  {lab}  {t.source}  ({t.n_levels} levels)".rstrip())
+            sd = np.sqrt(np.clip(np.diag(cov), 0, None))
+            lines.append(f"    {'':<20}{'Variance':>12}{'Std.Dev.':>12}  Corr")
+            for i, n in enumerate(t.names):
+                corr = " ".join(f"{cov[i, j] / (sd[i] * sd[j]):6.3f}" if sd[i] * sd[j] > 0 else "   nan"
+                                for j in range(i))
+                lines.append(f"    {n:<20}{cov[i, i]:>12.4f}{sd[i]:>12.4f}  {corr}".rstrip())
+        lines.append(f"  Residual{'':<16}{self.scale:>12.4f}{np.sqrt(self.scale):>12.4f}")
+        return "\n".join(lines)
+
     def summary(self, alpha: float = 0.05, ddf: str | None = None) -> Summary:
-        """Summary in statsmodels' MixedLM layout (fixed effects, then ``Group Var`` rows).
+        """Summary in statsmodels' MixedLM layout (fixed effects, then the variance rows).
 
         ``ddf="satterthwaite"`` or ``"kenward-roger"``: t tests of the fixed effects with
-        lmerTest's denominator df (a ``df`` column; see :meth:`fe_table`).
+        lmerTest's denominator df (a ``df`` column; see :meth:`fe_table`).  lmer models add
+        one block per random-effects term (lme4's VarCorr).
         """
         m = self.model
-        sizes = m.group_sizes
-        info = [
-            ("Model:", "MixedLM"),
-            ("No. Observations:", str(self.nobs)),
-            ("No. Groups:", str(self.ngroups)),
-            ("Min. group size:", f"{sizes.min():.0f}"),
-            ("Max. group size:", f"{sizes.max():.0f}"),
-            ("Mean group size:", f"{sizes.mean():.1f}"),
-            ("Dependent Variable:", str(m.endog_names)),
-            ("Method:", self.method),
-            ("Scale:", f"{self.scale:.4f}"),
-            ("Log-Likelihood:", f"{self.llf:.4f}"),
-            ("Converged:", "Yes" if self.converged else "No"),
-            ("", ""),
-        ]
+        info = [("Model:", "MixedLM" if self.fitted.backend.kind == "grouped" else "MixedLM (crossed)"),
+                ("No. Observations:", str(self.nobs))]
+        if m.api == "statsmodels":
+            sizes = m.group_sizes
+            info += [("No. Groups:", str(self.ngroups)), ("Min. group size:", f"{sizes.min():.0f}"),
+                     ("Max. group size:", f"{sizes.max():.0f}"), ("Mean group size:", f"{sizes.mean():.1f}")]
+        else:
+            info += [("Groups:", ", ".join(f"{k} {v}" for k, v in self.ngroups.items()))]
+        info += [("Dependent Variable:", str(m.endog_names)), ("Method:", self.method),
+                 ("Scale:", f"{self.scale:.4f}"), ("Log-Likelihood:", f"{self.llf:.4f}"),
+                 ("Converged:", "Yes" if self.converged else "No")]
+        if len(info) % 2:
+            info.append(("", ""))
         z = stats.norm.ppf(1 - alpha / 2)
         fe, se = self.fe_params.to_numpy(), self.bse_fe.to_numpy()
         tab = np.full((len(self.params), 6), np.nan)
@@ -360,8 +446,9 @@ class MixedLMResults(InferenceMixin):
         tab[: self.k_fe, 3] = 2 * stats.norm.sf(np.abs(fe / se))
         tab[: self.k_fe, 4] = fe - z * se
         tab[: self.k_fe, 5] = fe + z * se
-        r, c = m.structure.re_tril
-        tab[self.k_fe :, 0] = np.concatenate([self.cov_re.to_numpy()[r, c], self.vcomp])
+        n_cov = m.n_cov_params
+        tab[self.k_fe :, 0] = np.concatenate([self.params.to_numpy()[self.k_fe : self.k_fe + n_cov] * self.scale,
+                                              self.params.to_numpy()[self.k_fe + n_cov :]])
         tab[self.k_fe :, 1] = self.bse_re.to_numpy()
         cols = ["Coef.", "Std.Err.", "z", "P>|z|", f"[{alpha / 2:g}", f"{1 - alpha / 2:g}]"]
         if ddf is not None:  # small-sample t tests (inference.py)
@@ -374,11 +461,10 @@ class MixedLMResults(InferenceMixin):
             cols.insert(2, "df")
         for col in cols:
             df[col] = [f"{v:.3f}" if np.isfinite(v) else "" for v in df[col]]
-        notes = []
+        notes = [self._terms_text()] if m.api == "lme4" else []
         for key, val in self.residual_structure.items():
             if key == "sd_ratio":
-                notes.append("Residual sd ratio (VarIdent): "
-                             + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                notes.append("Residual sd ratio (VarIdent): " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
             elif key == "phi":
                 notes.append(f"Residual AR(1) correlation Phi: {val:.4f}")
         if self.singular:
@@ -391,91 +477,28 @@ class MixedLMResults(InferenceMixin):
         return f"<MixedLMResults {self.method} llf={self.llf:.4f} converged={self.converged}>"
 
 
-class LmerResults(MixedLMResults):
-    """Results of :func:`mixedjax.lmer`: lme4's layout over every random-effects term.
+LmerResults = MixedLMResults  # lmer fits return the same class (an alias kept for old imports)
 
-    ``varcorr()`` has one row per variance and covariance of each term (lme4's
-    ``as.data.frame(VarCorr())``), ``random_effects`` is ``{grouping factor:
-    DataFrame(levels x columns)}`` (lme4's ``ranef``), ``cov_terms`` is ``{term label:
-    covariance DataFrame}``, and ``summary()`` prints one block per term.  ``cov_re``
-    and ``vcomp`` keep statsmodels' meaning: the correlated block of the outer
-    grouping factor, and the variance of every other term (``model.structure.vc_names``).
-    """
 
-    def _term_covs(self) -> list[tuple[Any, np.ndarray]]:
-        _, corr, vc_terms = self.model._lmer_plan
-        out = {}
-        if corr is not None:
-            out[id(corr)] = self.cov_re.to_numpy()
-        for t, v in zip(vc_terms, self.vcomp, strict=True):
-            out[id(t)] = np.array([[v]])
-        return [(t, out[id(t)]) for t in self.model.lmer_terms]
+def _factors(theta: np.ndarray, backend: Any) -> list[np.ndarray]:
+    return factors_np(theta, backend.terms)
 
-    def _term_blups(self) -> list[tuple[Any, pd.DataFrame]]:
-        outer, corr, vc_terms = self.model._lmer_plan
-        b, _ = self._blups
-        g = len(self.model.group_labels)
-        labels = [str(v) for v in outer.levels]
-        out = {}
-        if corr is not None:
-            out[id(corr)] = pd.DataFrame(b[:g, : corr.q], index=labels, columns=corr.names)
-        off = self.k_re
-        for t, v in zip(vc_terms, self.model._vcs, strict=True):
-            if t.factor == outer.factor:
-                out[id(t)] = pd.DataFrame({t.names[0]: b[:g, off]}, index=labels)
-            else:
-                vals = {}
-                for gi, names in enumerate(v.names):
-                    for j, nm in enumerate(names):
-                        vals[nm] = b[gi, off + j]
-                idx = [str(lv) for lv in t.levels]
-                out[id(t)] = pd.DataFrame({t.names[0]: [vals.get(i, np.nan) for i in idx]}, index=idx)
-            off += v.size
-        return [(t, out[id(t)]) for t in self.model.lmer_terms]
 
-    @property
-    def cov_terms(self) -> dict[str, pd.DataFrame]:
-        """Covariance matrix of each term's random effects (natural scale), by term label."""
-        return {t.label: pd.DataFrame(c, index=t.names, columns=t.names) for t, c in self._term_covs()}
-
-    @property
-    def random_effects(self) -> dict[str, pd.DataFrame]:
-        """Conditional modes (BLUPs) per grouping factor: ``{factor: DataFrame(levels x columns)}`` (lme4's ranef)."""
-        out: dict[str, pd.DataFrame] = {}
-        for t, df in self._term_blups():
-            out[t.factor] = df if t.factor not in out else out[t.factor].join(df, how="outer")
+def _boundary_nan(h: np.ndarray, k: int) -> np.ndarray:
+    """NaN where the information is singular: the inverse of the block of parameters with finite, regular
+    curvature, NaN for the rest (a variance on the boundary of a singular fit)."""
+    out = np.full((k, k), np.nan)
+    ok = np.all(np.isfinite(h), axis=0) & np.all(np.isfinite(h), axis=1)
+    ok[k:] = True
+    idx = np.flatnonzero(ok)
+    sub = -h[np.ix_(idx, idx)]
+    try:
+        w = np.linalg.eigvalsh(sub)
+        if w.min() <= 0:
+            return out
+        inv = np.linalg.inv(sub)
+    except np.linalg.LinAlgError:
         return out
-
-    def varcorr(self) -> pd.DataFrame:
-        """lme4's ``as.data.frame(VarCorr(fit))``: per term its variances, then covariances; the residual last."""
-        rows = []
-        for t, cov in self._term_covs():
-            sd = np.sqrt(np.clip(np.diag(cov), 0, None))
-            for i, n in enumerate(t.names):
-                rows.append((t.label, n, None, cov[i, i], sd[i]))
-            for j in range(len(t.names)):
-                for i in range(j + 1, len(t.names)):
-                    corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else np.nan
-                    rows.append((t.label, t.names[j], t.names[i], cov[i, j], corr))
-        rows.append(("Residual", None, None, self.scale, np.sqrt(self.scale)))
-        return pd.DataFrame(rows, columns=["group", "var1", "var2", "vcov", "sdcor"])
-
-    def _terms_text(self) -> str:
-        lines = ["Random effects (one block per term):"]
-        for t, cov in self._term_covs():
-            n_lev = t.n_levels
-            lines.append(f"  {t.label}  {t.source}  ({n_lev} levels)")
-            sd = np.sqrt(np.clip(np.diag(cov), 0, None))
-            lines.append(f"    {'':<20}{'Variance':>12}{'Std.Dev.':>12}  Corr")
-            for i, n in enumerate(t.names):
-                corr = " ".join(f"{cov[i, j] / (sd[i] * sd[j]):6.3f}" if sd[i] * sd[j] > 0 else "   nan"
-                                for j in range(i))
-                lines.append(f"    {n:<20}{cov[i, i]:>12.4f}{sd[i]:>12.4f}  {corr}".rstrip())
-        lines.append(f"  Residual{'':<16}{self.scale:>12.4f}{np.sqrt(self.scale):>12.4f}")
-        return "\n".join(lines)
-
-    def summary(self, alpha: float = 0.05, ddf: str | None = None) -> Summary:
-        """statsmodels' layout, then one block per random-effects term (lme4's VarCorr)."""
-        s = super().summary(alpha, ddf=ddf)
-        s.extra = self._terms_text() + ("\n" + s.extra if s.extra else "")
-        return s
+    keep = idx[idx < k]
+    out[np.ix_(keep, keep)] = inv[: len(keep), : len(keep)]
+    return out

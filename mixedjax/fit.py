@@ -1,0 +1,140 @@
+"""The fit driver, once for every backend: start, optimise, sign normalisation, profiled estimates.
+
+:func:`fit` returns a :class:`FittedModel`, the one object every feature reads
+(:mod:`mixedjax.ddf`, :mod:`mixedjax.profile`, :mod:`mixedjax.bootstrap`,
+:mod:`mixedjax.predict`, ...): the backend and its data, θ̂, ρ̂, β̂, σ̂², Cov(β̂), the
+deviance and how the optimisation went.  :func:`refit` fits it again to a new response
+or by the other criterion, and reports its own failures (:class:`RefitWarning`).
+
+Examples
+--------
+>>> import mixedjax
+>>> d = mixedjax.datasets.load("sleepstudy")
+>>> md = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days")
+>>> fm = fit(md.backend, md.backend_data, reml=True)
+>>> round(-0.5 * fm.deviance, 4), refit(fm, reml=False).reml
+(-871.8141, False)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import terms as tm
+from .backends import profiled_jit
+from .optimize import Result, Solution
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit did not converge, or converged to a singular (boundary) estimate."""
+
+
+class RefitWarning(ConvergenceWarning):
+    """A refit made by a feature (an ML refit for a likelihood-ratio test or a profile) did not converge."""
+
+
+class FittedModel(NamedTuple):
+    """A fitted model as every feature sees it (a pytree of host arrays plus the static backend).
+
+    Attributes
+    ----------
+    backend : GroupedBackend or CrossedBackend
+    data : the backend's data pytree
+    theta : (n_theta,) θ̂ (sign-normalised), ``rho`` : (n_rho,) residual parameters (unconstrained)
+    beta : (p,) β̂;  sigma2 : σ̂²;  cov_beta : (p, p) ``σ̂² (X'V⁻¹X)⁻¹``
+    deviance : the minimised profiled deviance;  reml : the criterion
+    solution : :class:`mixedjax.optimize.Solution` of the optimiser
+    """
+
+    backend: Any
+    data: Any
+    theta: np.ndarray
+    rho: np.ndarray
+    beta: np.ndarray
+    sigma2: float
+    cov_beta: np.ndarray
+    deviance: float
+    reml: bool
+    solution: Solution
+
+    @property
+    def theta_full(self) -> np.ndarray:
+        """The optimiser's vector ``concat(θ, ρ)``."""
+        return np.concatenate([self.theta, self.rho])
+
+    @property
+    def converged(self) -> bool:
+        return bool(Result(int(self.solution.result)) <= Result.NO_PROGRESS)
+
+    @property
+    def result(self) -> Result:
+        return Result(int(self.solution.result))
+
+    @property
+    def llf(self) -> float:
+        return -0.5 * self.deviance
+
+
+def estimates(backend: Any, data: Any, theta_full: np.ndarray, reml: bool, solution: Solution) -> FittedModel:
+    """The :class:`FittedModel` at a given ``concat(θ, ρ)`` (sign-normalised here, the one place)."""
+    theta_full = np.asarray(theta_full, float)
+    theta = tm.normalize_theta(theta_full[: backend.n_theta], backend.terms)
+    rho = theta_full[backend.n_theta :]
+    pr = jax.device_get(profiled_jit(backend, jnp.asarray(np.concatenate([theta, rho])), data,
+                                     np.asarray(bool(reml))))
+    sigma2 = float(pr.sigma2)
+    a = np.asarray(pr.normal.a, float)
+    try:
+        cov_beta = sigma2 * np.linalg.inv(a)
+    except np.linalg.LinAlgError:
+        cov_beta = np.full_like(a, np.nan)
+    return FittedModel(backend, data, theta, rho, np.asarray(pr.beta, float), sigma2, cov_beta,
+                       float(pr.deviance), bool(reml), solution)
+
+
+def start_theta(backend: Any, start: Any = None) -> np.ndarray:
+    """``concat(θ, ρ)`` to start from: lme4's ``T_k = I`` and ρ = 0 (equal variances, no correlation)."""
+    if start is None:
+        return np.concatenate([tm.theta_start(backend.terms), np.zeros(backend.n_rho)])
+    start = np.asarray(start, float)
+    if start.size == backend.n_theta:
+        return np.concatenate([start, np.zeros(backend.n_rho)])
+    if start.size != backend.n_theta + backend.n_rho:
+        raise ValueError(f"start has {start.size} entries; this model has {backend.n_theta} random-effects "
+                         f"parameters and {backend.n_rho} residual parameters")
+    return start
+
+
+def fit(backend: Any, data: Any, reml: bool = True, start: Any = None, **options: Any) -> FittedModel:
+    """Fit by REML or ML: the backend's optimiser from ``start`` (``concat(θ, ρ)`` or θ), then the estimates.
+
+    ``options`` go to the backend's optimiser (``maxiter``, ``gtol``, ``em_iter`` for the
+    per-group BFGS; ``maxiter``, ``ftol``, ``scales`` for the crossed derivative-free fit).
+    """
+    theta0 = start_theta(backend, start)
+    sol = backend.minimize(theta0, data, bool(reml), **options)
+    return estimates(backend, data, np.asarray(sol.x, float), reml, sol)
+
+
+def refit(fm: FittedModel, y: Any = None, reml: bool | None = None, start: Any = None, *,
+          what: str = "refit", **options: Any) -> FittedModel:
+    """Fit ``fm``'s model again: to a new response ``y`` (row order) and/or by another criterion.
+
+    Starts at ``fm``'s estimate unless ``start`` is given.  A refit that does not converge
+    warns with :class:`RefitWarning` naming ``what`` it was for (never silently); one that
+    fails raises :class:`FloatingPointError`.
+    """
+    data = fm.data if y is None else fm.backend.with_response(fm.data, jnp.asarray(np.asarray(y, float)))
+    reml = fm.reml if reml is None else bool(reml)
+    out = fit(fm.backend, data, reml, fm.theta_full if start is None else start, **options)
+    if not np.isfinite(out.deviance):
+        raise FloatingPointError(f"the {what} failed: the deviance is not finite at its end ({out.result.message})")
+    if not out.converged:
+        warnings.warn(f"the {what} did not converge: {out.result.message} (max |gradient| "
+                      f"{float(out.solution.grad_norm):.2e})", RefitWarning, stacklevel=2)
+    return out
