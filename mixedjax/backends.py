@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 from jax import Array
 from threadpoolctl import threadpool_limits
 
@@ -398,6 +399,37 @@ class GroupedBackend:
         pad = pad._replace(y=yp)
         return data._replace(padded=pad, cp=cross_products(pad))
 
+    def sparse_design(self, data: GroupedModelData) -> tuple[Any, np.ndarray, np.ndarray]:
+        """Host-side ``(Z, X, √w)``: ``Z`` a scipy CSR matrix ``(n, Σ_k l_k q_k)`` with columns term by term,
+        level-major (the order of :meth:`conditional`), ``X (n, p)``, ``√w (n,)`` (for dense checks and
+        Kenward–Roger; rows in the model's order)."""
+        codes, pos = np.asarray(data.codes), np.asarray(data.position)
+        z = np.asarray(data.padded.z)[codes, pos]
+        x = np.asarray(data.padded.x)[codes, pos]
+        sw = np.sqrt(np.asarray(data.padded.w)[codes, pos])
+        st = self.structure
+        n = len(codes)
+        blocks = []
+        g = data.padded.y.shape[0]
+        if st.q_re:
+            rows = np.repeat(np.arange(n), st.q_re)
+            cols = (codes[:, None] * st.q_re + np.arange(st.q_re)[None, :]).ravel()
+            blocks.append(sp.csr_matrix((z[:, : st.q_re].ravel(), (rows, cols)), shape=(n, g * st.q_re)))
+        for vg, vc in zip(data.vc_group, data.vc_col, strict=True):
+            vg, vc = np.asarray(vg), np.asarray(vc)
+            lookup = {(int(a), int(b)): i for i, (a, b) in enumerate(zip(vg, vc, strict=True))}
+            rr, cc, vv = [], [], []
+            for col in np.unique(vc):
+                sel = np.flatnonzero(z[:, col] != 0)
+                for r in sel:
+                    key = (int(codes[r]), int(col))
+                    if key in lookup:
+                        rr.append(r)
+                        cc.append(lookup[key])
+                        vv.append(z[r, col])
+            blocks.append(sp.csr_matrix((vv, (rr, cc)), shape=(n, len(vg))))
+        return sp.hstack(blocks).tocsr(), x, sw
+
     # ---------------------------------------------------------------- residual parameters, natural scale
     def rho_names(self, strata_labels: list | None) -> list[str]:
         spec = self.residual
@@ -527,6 +559,17 @@ class CrossedBackend:
         xw = data.x * data.sw[:, None]
         cd = cd._replace(r1=r1, r2=r2, xty=xw.T @ yw, yty=yw @ yw)
         return data._replace(cd=cd)
+
+    def sparse_design(self, data: CrossedModelData) -> tuple[Any, np.ndarray, np.ndarray]:
+        """Host-side ``(Z, X, √w)`` as :meth:`GroupedBackend.sparse_design` (columns term by term, level-major)."""
+        blocks = []
+        for c, z, lv in zip(data.codes, data.zs, self.structure.levels, strict=True):
+            c, z = np.asarray(c), np.asarray(z)
+            n, q = z.shape
+            rows = np.repeat(np.arange(n), q)
+            cols = (c[:, None] * q + np.arange(q)[None, :]).ravel()
+            blocks.append(sp.csr_matrix((z.ravel(), (rows, cols)), shape=(n, lv * q)))
+        return sp.hstack(blocks).tocsr(), np.asarray(data.x), np.asarray(data.sw)
 
     def rho_names(self, strata_labels: list | None) -> list[str]:
         return []
