@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from .linalg import cholesky
+
 
 @dataclass(frozen=True)
 class CovStructure:
@@ -193,8 +195,6 @@ def psd_cholesky_np(a: np.ndarray) -> np.ndarray:
         return np.linalg.cholesky(a)
     except np.linalg.LinAlgError:
         # semidefinite: the unrolled factor gives zero columns for dependent directions
-        from .linalg import cholesky
-
         return np.asarray(cholesky(jnp.asarray(a), semidefinite=True))
 
 
@@ -250,8 +250,6 @@ def profile_from_packed_jax(vparams: Array, structure: CovStructure) -> tuple[Ar
 
 def lam_from_profile_jax(cov_re1: Array, vcomp1: Array, structure: CovStructure) -> Array:
     """Λ from the profile parameterisation inside JAX (differentiable where cov_re1 is positive definite)."""
-    from .linalg import cholesky
-
     q = structure.q
     lam = jnp.zeros((q, q), dtype=cov_re1.dtype)
     if structure.q_re:

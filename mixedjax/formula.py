@@ -15,7 +15,7 @@ import pandas as pd
 from formulaic import Formula, model_matrix
 
 
-def _as_rhs(formula: str) -> str:
+def as_rhs(formula: str) -> str:
     f = formula.strip()
     return f[1:].strip() if f.startswith("~") else f
 
@@ -37,7 +37,7 @@ def required_columns(formula: str, data: pd.DataFrame, what: str) -> list[str]:
 
 def design(formula: str, data: pd.DataFrame) -> pd.DataFrame:
     """Right-hand-side model matrix of ``formula`` (a one-sided formula or a bare right-hand side)."""
-    rhs = _as_rhs(formula)
+    rhs = as_rhs(formula)
     if rhs in ("0", "-1", "0 +", ""):
         return pd.DataFrame(index=data.index)
     mm = model_matrix(rhs, data, na_action="ignore")

@@ -10,12 +10,18 @@ and prediction (:mod:`mixedjax.predict`) live here, as methods of
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from .bootstrap import bootstrap, simulate
+from .ddf import kenward_roger, satterthwaite
+from .fit import refit
+from .predict import condvar_frame, predict
+from .profile import profile_conf_int, profile_re
+from .term_tests import anova_terms, ranova
 
 if TYPE_CHECKING:
     from .results import MixedLMResults
@@ -39,11 +45,11 @@ class _Lin:
         self.coef, self.const = coef, const
 
     @staticmethod
-    def _lift(o: Any, k: int) -> _Lin:
+    def lift(o: Any, k: int) -> _Lin:
         return o if isinstance(o, _Lin) else _Lin(np.zeros(k), float(o))
 
     def __add__(self, o):
-        o = self._lift(o, len(self.coef))
+        o = self.lift(o, len(self.coef))
         return _Lin(self.coef + o.coef, self.const + o.const)
 
     __radd__ = __add__
@@ -55,10 +61,10 @@ class _Lin:
         return self
 
     def __sub__(self, o):
-        return self + (-self._lift(o, len(self.coef)))
+        return self + (-self.lift(o, len(self.coef)))
 
     def __rsub__(self, o):
-        return self._lift(o, len(self.coef)) - self
+        return self.lift(o, len(self.coef)) - self
 
     def __mul__(self, o):
         if isinstance(o, _Lin):
@@ -115,7 +121,7 @@ def parse_constraints(spec: str, names: list[str]) -> tuple[np.ndarray, np.ndarr
         except Exception as e:
             raise ValueError(f"cannot parse constraint {part.strip()!r} in {spec!r}: unknown name or syntax "
                              f"({e}); parameters are {names}") from e
-        lin = _Lin._lift(vals[0], k) - (_Lin._lift(vals[1], k) if len(vals) == 2 else 0.0)
+        lin = _Lin.lift(vals[0], k) - (_Lin.lift(vals[1], k) if len(vals) == 2 else 0.0)
         if not np.any(lin.coef):
             raise ValueError(f"constraint {part.strip()!r} involves no parameter; parameters are {names}")
         rows.append(lin.coef)
@@ -195,18 +201,10 @@ class AnovaTable(pd.DataFrame):
 
 
 def _refit_ml(res: MixedLMResults) -> MixedLMResults:
-    model = res.model
-    old = model.reml
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                out = model.fit(reml=False, start_params=res.params)
-            except Exception:  # e.g. structured residuals that start_params cannot carry
-                out = model.fit(reml=False)
-    finally:
-        model.reml = old
-    return out
+    """The ML fit of a REML result, started at its estimate; a refit that does not converge warns
+    (:class:`mixedjax.RefitWarning`), one that fails raises."""
+    fm = refit(res.fitted, reml=False, what="ML refit for the likelihood-ratio test")
+    return type(res)(res.model, fm)
 
 
 def _same_data(results: list) -> None:
@@ -330,13 +328,6 @@ def compare_lr_test(small: MixedLMResults, large: MixedLMResults, refit: bool = 
     return anova(small, large, refit=refit, names=["small", "large"])
 
 
-def require_grouped(res: Any, what: str) -> None:
-    """``NotImplementedError`` for models without the per-group layout (crossed random effects)."""
-    if not hasattr(res.model, "_padded"):
-        raise NotImplementedError(f"{what} is not implemented for crossed random effects (several grouping "
-                                  "factors) yet; Wald and likelihood-ratio tests are")
-
-
 # ------------------------------------------------------------------------------------------------ mixin
 class InferenceMixin:
     """Inference methods of :class:`mixedjax.MixedLMResults`."""
@@ -395,9 +386,6 @@ class InferenceMixin:
         beta = self.fe_params.to_numpy()
         effect = r @ beta
         if method == "kenward-roger":
-            from .ddf import kenward_roger
-
-            require_grouped(self, "Kenward-Roger")
             cov = kenward_roger(self).cov_adjusted
         else:
             cov = self.cov_fe
@@ -417,9 +405,6 @@ class InferenceMixin:
         return " + ".join(terms) or "0"
 
     def _ddf_rows(self, r: np.ndarray, method: str) -> np.ndarray:
-        from .ddf import kenward_roger, satterthwaite
-
-        require_grouped(self, "small-sample df")
         if method == "satterthwaite":
             return np.array([satterthwaite(self).ddf(row) for row in r])
         kr = kenward_roger(self)
@@ -437,9 +422,6 @@ class InferenceMixin:
         if method is not None and not use_f:
             use_f = True
         if method == "kenward-roger":
-            from .ddf import kenward_roger
-
-            require_grouped(self, "Kenward-Roger")
             kr = kenward_roger(self)
             cov = kr.cov_adjusted
         else:
@@ -457,9 +439,6 @@ class InferenceMixin:
         if method is None:
             df2 = float(self.nobs - self.k_fe)
         elif method == "satterthwaite":
-            from .ddf import satterthwaite
-
-            require_grouped(self, "small-sample df")
             df2 = satterthwaite(self).ddf_multi(r)
         else:  # lmerTest's KR F: adjusted covariance, pbkrtest's df, no F scaling
             df2 = kr.ddf(r)
@@ -511,7 +490,7 @@ class InferenceMixin:
 
     # ---------------------------------------------------------------------------------- prediction
     def predict(self, exog: Any = None, conditional: bool = False, se: bool = False,
-                alpha: float = 0.05) -> pd.Series | pd.DataFrame:
+                alpha: float = 0.05, re_form: Any = None) -> pd.Series | pd.DataFrame:
         """Predictions for the model's rows or for new data (:mod:`mixedjax.predict`).
 
         Parameters
@@ -527,6 +506,9 @@ class InferenceMixin:
         se : bool
             Return a DataFrame ``mean, mean_se, mean_ci_lower, mean_ci_upper`` with
             standard errors ``sqrt(x Cov(β̂) xᵀ)`` (population level only).
+        re_form : str, optional
+            lme4's ``re.form``: which random-effects terms a conditional prediction
+            includes (``"~(1 | plate)"``: that term only; ``"~0"``: none; default all).
 
         Examples
         --------
@@ -537,15 +519,11 @@ class InferenceMixin:
         >>> [round(v, 2) for v in r.predict(new, conditional=True)]
         [253.66, 303.74]
         """
-        from .predict import predict
-
-        return predict(self, exog, conditional=conditional, se=se, alpha=alpha)
+        return predict(self, exog, conditional=conditional, se=se, alpha=alpha, re_form=re_form)
 
     def condvar(self) -> pd.DataFrame:
         """Conditional modes and conditional sds of every random effect, lme4's
         ``as.data.frame(ranef(fit, condVar = TRUE))``: ``grpvar, term, grp, condval, condsd``."""
-        from .predict import condvar_frame
-
         return condvar_frame(self)
 
     # ------------------------------------------------------------------- profile likelihood, bootstrap
@@ -568,9 +546,6 @@ class InferenceMixin:
         [22.898, 28.858]
         """
         if method == "profile":
-            from .profile import profile_conf_int
-
-            require_grouped(self, "the profile likelihood")
             return profile_conf_int(self, alpha=alpha, **kwargs).conf_int
         if method in ("boot", "bootstrap"):
             return self.bootstrap(**kwargs).conf_int(alpha)
@@ -602,9 +577,6 @@ class InferenceMixin:
         >>> pr.shape, bool(abs(pr[5, 1] - r.llf) < 1e-6)
         ((11, 2), True)
         """
-        from .profile import profile_re
-
-        require_grouped(self, "profile_re")
         return profile_re(self, re_ix, vtype, num_low, dist_low, num_high, dist_high)
 
     def simulate(self, n: int = 1, seed: Any = 0) -> np.ndarray:
@@ -622,8 +594,6 @@ class InferenceMixin:
         >>> r.simulate(3, seed=1).shape
         (180, 3)
         """
-        from .bootstrap import simulate
-
         return simulate(self, n, seed)
 
     def bootstrap(self, n: int = 1000, seed: Any = 0, maxiter: int = 200, gtol: float = 1e-6,
@@ -647,7 +617,35 @@ class InferenceMixin:
         >>> b.replicates.shape, b.n_failed
         ((32, 8), 0)
         """
-        from .bootstrap import bootstrap
-
         return bootstrap(self, n=n, seed=seed, maxiter=maxiter, gtol=gtol, em_iter=em_iter,
                          fast_compile=fast_compile)
+
+    # --------------------------------------------------------------------- per-term tests, ranova
+    def anova(self, ddf: str = "satterthwaite", type: int = 3) -> pd.DataFrame:  # noqa: A002 - lmerTest's name
+        """F tests of every fixed-effects term (lmerTest's ``anova(fit, type=, ddf=)``).
+
+        Type III by default (contrasts that do not depend on the factor coding), types I
+        and II too; denominator df by ``"satterthwaite"`` or ``"kenward-roger"``.  For
+        likelihood-ratio tests between models use :func:`mixedjax.anova`.
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> r = mixedjax.lmer("Reaction ~ Days + (Days | Subject)", d)
+        >>> round(float(r.anova()["F value"].iloc[0]), 3)
+        45.853
+        """
+        return anova_terms(self, ddf=ddf, type=type)
+
+    def ranova(self) -> pd.DataFrame:
+        """Likelihood-ratio tests for dropping (or reducing) each random-effects term (lmerTest's ``ranova``).
+
+        Reduced models are refitted by the same criterion (REML or ML) from the model's
+        lme4 formula (models built by :func:`mixedjax.lmer`).
+        """
+        refit_formula = self.model.refit_formula
+        if refit_formula is None:
+            raise NotImplementedError("ranova needs a model built by mixedjax.lmer (an lme4 formula to reduce); "
+                                      "refit this model with mixedjax.lmer")
+        return ranova(self, refit_formula)

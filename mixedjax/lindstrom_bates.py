@@ -140,13 +140,14 @@ def group_blocks(model: MixedLM) -> tuple[Blocks, Blocks, Blocks, Blocks]:
     >>> [y.tolist() for y in ys]
     [[0.0, 1.0], [2.0, 3.0, 4.0]]
     """
-    codes = model._gi.codes
+    codes = model.group_index.codes
+    z = np.concatenate([model.exog_re, model.exog_vc_matrix], axis=1)
     ys, xs, zs, ws = [], [], [], []
     for g in range(model.n_groups):
         rows = np.flatnonzero(codes == g)
         ys.append(np.asarray(model.endog[rows], dtype=float))
         xs.append(np.asarray(model.exog[rows], dtype=float))
-        zs.append(np.asarray(model._z[rows], dtype=float))
+        zs.append(np.asarray(z[rows], dtype=float))
         ws.append(np.asarray(model.weights[rows], dtype=float))
     return ys, xs, zs, ws
 

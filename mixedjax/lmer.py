@@ -11,6 +11,7 @@ path (:class:`CrossedLM`, :mod:`mixedjax.crossed_likelihood`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -336,6 +337,7 @@ def lmer(
         model = CrossedLM(y, x.to_numpy(), terms, weights=w, exog_names=list(x.columns), endog_name=yname)
         model.formula, model.data, model.designs = formula, frame, {"fe": x}
         model.bars = bars
+        model.refit_formula = functools.partial(_refit_formula, data=frame, weights=w)
         return model.fit(reml=reml, **fit_kwargs)
 
     outer, corr, vc_terms = plan
@@ -352,6 +354,7 @@ def lmer(
     model.lmer_terms = terms
     model.bars = bars
     model.api = "lme4"
+    model.refit_formula = functools.partial(_refit_formula, data=frame, weights=w, residual=residual)
     info = []
     if corr is not None:
         info.append(TermInfo(corr.label, corr.factor, tuple(corr.names), tuple(str(v) for v in outer.levels),
@@ -364,6 +367,12 @@ def lmer(
         info.append(TermInfo(t.label, t.factor, tuple(t.names), levels, t.source))
     model.term_info = info
     return model.fit(reml=reml, **fit_kwargs)
+
+
+def _refit_formula(formula: str, reml: bool, data: pd.DataFrame, weights: np.ndarray | None = None,
+                   residual: Any = None) -> Any:
+    """Fit another lme4 formula to a model's data and weights (lmerTest's ``ranova`` reduced models)."""
+    return lmer(formula, data, reml=reml, weights=weights, residual=residual)
 
 
 class CrossedLM(LinearMixedModel):

@@ -87,6 +87,7 @@ class LinearMixedModel:
     data: pd.DataFrame | None = None
     designs: dict | None = None
     reml = True
+    refit_formula: Any = None  # lmer models: (formula, reml) -> results on the same data (ranova)
 
     # ------------------------------------------------------------------ names and packing
     @property
@@ -578,10 +579,10 @@ def mixedlm(
         raise ValueError(f"the response {yname!r} is not numeric (dtype {data[yname].dtype})")
     used = [yname] + fml.required_columns("~" + rhs, data, "formula")
     re_f = "1" if re_formula is None else re_formula
-    used += fml.required_columns("~" + fml._as_rhs(re_f), data, "re_formula") if fml._as_rhs(re_f) not in (
+    used += fml.required_columns("~" + fml.as_rhs(re_f), data, "re_formula") if fml.as_rhs(re_f) not in (
         "0", "1", "-1") else []
     for name, f in (vc_formula or {}).items():
-        used += fml.required_columns("~" + fml._as_rhs(f), data, f"vc_formula[{name!r}]")
+        used += fml.required_columns("~" + fml.as_rhs(f), data, f"vc_formula[{name!r}]")
     for r in (residual if isinstance(residual, list | tuple) else [residual]):
         col = getattr(r, "by", getattr(r, "time", None))
         if isinstance(col, str):
@@ -624,7 +625,7 @@ def mixedlm(
     if x.shape[1] == 0:
         raise ValueError(f"formula {formula!r} has no fixed effects; mixedjax needs at least one")
     gvec = frame[groups] if isinstance(groups, str) else frame["__groups__"]
-    if re_formula is not None and fml._as_rhs(re_formula) in ("0", "-1"):
+    if re_formula is not None and fml.as_rhs(re_formula) in ("0", "-1"):
         z_re = np.zeros((len(frame), 0))
         re_names: list[str] = []
     else:
