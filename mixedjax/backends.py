@@ -264,7 +264,7 @@ def _fit_structured(theta0: Array, data: GroupedData, strata: Array, zmask: Arra
 _GROUPED_STATIC = ("structure", "maxiter", "gtol", "em_iter")
 fit_grouped = jax.jit(_fit_grouped, static_argnames=_GROUPED_STATIC)
 fit_grouped.__doc__ = _fit_grouped.__doc__
-_fit_grouped_single = jax.jit(_fit_grouped, static_argnames=_GROUPED_STATIC, compiler_options=SINGLE_FIT)
+fit_grouped_single = jax.jit(_fit_grouped, static_argnames=_GROUPED_STATIC, compiler_options=SINGLE_FIT)
 _fit_structured_jit = jax.jit(_fit_structured, static_argnames=_GROUPED_STATIC + ("spec",))
 
 
@@ -460,7 +460,7 @@ class GroupedBackend:
                  gtol: float = 1e-6, em_iter: int = 30, **_: Any) -> Solution:
         dtype = data.cp.xtx.dtype
         if self.residual is None:
-            return jax.device_get(_fit_grouped_single(jnp.asarray(theta0, dtype), data.cp, data.zmask, self.structure,
+            return jax.device_get(fit_grouped_single(jnp.asarray(theta0, dtype), data.cp, data.zmask, self.structure,
                                                       reml=bool(reml), maxiter=int(maxiter), gtol=float(gtol),
                                                       em_iter=int(em_iter)))
         return jax.device_get(_fit_structured_jit(jnp.asarray(theta0, dtype), data.padded, data.strata, data.zmask,

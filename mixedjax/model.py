@@ -517,6 +517,84 @@ class MixedLM(LinearMixedModel):
         return mixedlm(formula, data, groups, re_formula=re_formula, vc_formula=vc_formula,
                        weights=weights, missing=missing)
 
+    def term_rows(self, data: pd.DataFrame, which: Any = None) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Each random-effects term's design on new data: ``(z_k (n, q_k), level label of each row (n,))``.
+
+        Aligned with :attr:`term_info`; a row's label is a string of ``term_info[k].levels``
+        when the fit saw that level (``"a:A"`` for a factor variance component: level
+        ``a`` of ``cask`` in group ``A``), another string (or ``""``: no column of the
+        component) when not.  Rebuilt with the formula specs stored at fit time
+        (``designs``), or lmer's bars for lmer-built models.  ``which``: indices of the
+        terms to build (default all); the others are ``None``.
+
+        Examples
+        --------
+        >>> import mixedjax, pandas as pd
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> md = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days")
+        >>> [(z.tolist(), list(lab)) for z, lab in md.term_rows(pd.DataFrame({"Days": [2.0], "Subject": ["308"]}))]
+        [([[1.0, 2.0]], ['308'])]
+        """
+        builder = getattr(self, "term_rows_builder", None)
+        if builder is not None:  # lmer-built (lmer.lmer_term_rows)
+            return builder(self, data, which)
+        if not isinstance(data, pd.DataFrame):
+            raise ValueError(f"the random-effects design needs new data as a DataFrame, got {type(data).__name__}")
+        wanted = set(range(len(self.term_info))) if which is None else {int(k) for k in which}
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self.term_info)
+        if not wanted:
+            return out
+        designs = self.designs or {}
+        if not designs:
+            raise NotImplementedError("the random-effects design of a model built from arrays (MixedLM(...)) "
+                                      "cannot be rebuilt for new data: build it with mixedjax.mixedlm(formula, ...)")
+        gname = self.group_name
+        if gname not in data.columns:
+            raise ValueError(f"the random effects of new data need the group column {gname!r}; "
+                             f"available: {list(data.columns)}")
+        groups = np.array([str(v) for v in data[gname].to_numpy()], dtype=object)
+        n = len(data)
+        k = 0
+        if self.k_re:
+            if 0 in wanted:
+                spec = designs.get("re")
+                if spec is not None:
+                    z = fml.design_like(spec, data).to_numpy()
+                elif list(self.exog_re_names) == ["Group"]:
+                    z = np.ones((n, 1))
+                else:
+                    raise NotImplementedError("the random-effects design (exog_re) was given as an array: it "
+                                              "cannot be rebuilt for new data")
+                out[0] = (z, groups)
+            k = 1
+        for v in self.vc_designs:
+            if k in wanted:
+                spec = designs.get("vc", {}).get(v.name)
+                if spec is None:
+                    raise NotImplementedError(f"the variance component {v.name!r} was given as arrays (exog_vc): "
+                                              "it cannot be rebuilt for new data")
+                vdf = fml.design_like(spec, data)
+                vals, cols = vdf.to_numpy(), list(vdf.columns)
+                if _is_factor_vc(v.values):
+                    nz = vals != 0
+                    if np.any(nz.sum(axis=1) > 1):
+                        raise ValueError(f"the variance component {v.name!r} has several non-zero columns in a "
+                                         "row of the new data; at fit time it was a factor's indicators")
+                    j = np.argmax(nz, axis=1)
+                    has = nz.any(axis=1)
+                    z = np.where(has, vals[np.arange(n), j], 0.0)[:, None]
+                    labels = np.array([f"{_level_of(cols[c])}:{g}" if h else "" for c, g, h in
+                                       zip(j, groups, has, strict=True)], dtype=object)
+                elif vals.shape[1] == 1:
+                    z, labels = vals[:, :1], groups
+                else:
+                    raise NotImplementedError(f"the variance component {v.name!r} is neither a factor's indicators "
+                                              f"nor one column ({cols}): its random effects cannot be matched to "
+                                              "new data")
+                out[k] = (z, labels)
+            k += 1
+        return out
+
 
 def mixedlm(
     formula: str,
@@ -655,6 +733,7 @@ def mixedlm(
     # designs with their formulaic specs, for new data (prediction): fixed, random, variance components
     model.designs = {"fe": x, "re": None if not z_re.shape[1] else zdf, "vc": vdfs}
     model.group_name = str(gname)
+    model.set_term_info()
     model.re_formula = re_formula
     model.vc_formula = dict(vc_formula or {})
     return model

@@ -12,7 +12,8 @@ import pytest
 
 import mixedjax
 from mixedjax.data import cross_products
-from mixedjax.model import _fit_theta_single, fit_theta
+from mixedjax.backends import fit_grouped as fit_theta
+from mixedjax.backends import fit_grouped_single
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +70,14 @@ def test_fit_vmaps_over_responses():
     rng = np.random.default_rng(3)
     y2 = model.endog + rng.normal(0, 20, model.nobs)
     ys = np.stack([model.endog, y2])
-    gi = model._gi
-    padded = np.zeros((2,) + model._padded.y.shape)
+    gi = model.group_index
+    data_ = model.backend_data
+    padded = np.zeros((2,) + data_.padded.y.shape)
     padded[:, gi.codes, gi.position] = ys
 
     def one(y):
-        cp = cross_products(model._padded._replace(y=y))
-        return fit_theta(jnp.array([1.0, 0.0, 1.0]), cp, model._zmask, model.structure, reml=True)
+        cp = cross_products(data_.padded._replace(y=y))
+        return fit_theta(jnp.array([1.0, 0.0, 1.0]), cp, data_.zmask, model.structure, reml=True)
 
     sol = jax.jit(jax.vmap(one))(jnp.asarray(padded))
     single = [model.fit().llf,
@@ -182,10 +184,10 @@ def test_exog_vc_dict_equals_vc_formula():
 def test_repeat_fit_reuses_compiled_code():
     data = mixedjax.datasets.load("sleepstudy")
     mixedjax.mixedlm("Reaction ~ Days", data, groups="Subject", re_formula="~Days").fit()
-    before = _fit_theta_single._cache_size()
+    before = fit_grouped_single._cache_size()
     new = data.assign(Reaction=data.Reaction + np.random.default_rng(0).normal(0, 5, len(data)))
     mixedjax.mixedlm("Reaction ~ Days", new, groups="Subject", re_formula="~Days").fit()
-    assert _fit_theta_single._cache_size() == before
+    assert fit_grouped_single._cache_size() == before
 
 
 def test_agrees_with_statsmodels_where_it_converges():
