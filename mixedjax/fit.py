@@ -18,6 +18,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, NamedTuple
 
@@ -26,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import terms as tm
-from .backends import profiled_jit
-from .optimize import Result, Solution
+from .backends import SNAP_TOL, deviance, profiled_jit
+from .optimize import Result, Solution, minimize
 
 
 class ConvergenceWarning(UserWarning):
@@ -137,4 +138,51 @@ def refit(fm: FittedModel, y: Any = None, reml: bool | None = None, start: Any =
     if not out.converged:
         warnings.warn(f"the {what} did not converge: {out.result.message} (max |gradient| "
                       f"{float(out.solution.grad_norm):.2e})", RefitWarning, stacklevel=2)
+    return out
+
+
+def _constrained_deviance(x: jax.Array, base: jax.Array, free_idx: jax.Array, backend: Any, data: Any,
+                          reml: Any) -> jax.Array:
+    return deviance(backend, base.at[free_idx].set(x), data, reml)
+
+
+@functools.partial(jax.jit, static_argnames=("snap", "backend"))
+def _minimize_constrained(x0: jax.Array, base: jax.Array, free_idx: jax.Array, snap: tuple, backend: Any,
+                          data: Any, reml: Any) -> Solution:
+    return minimize(lambda x: _constrained_deviance(x, base, free_idx, backend, data, reml), x0, maxiter=500,
+                    gtol=1e-7, snap=np.array(snap, bool), snap_tol=SNAP_TOL)
+
+
+@functools.partial(jax.jit, static_argnames=("backend",))
+def _deviance_at(theta: jax.Array, backend: Any, data: Any, reml: Any) -> jax.Array:
+    return deviance(backend, theta, data, reml)
+
+
+def fit_constrained(fm: FittedModel, free: np.ndarray, *, what: str = "constrained refit") -> FittedModel:
+    """Refit ``fm``'s model with the entries of ``concat(θ, ρ)`` outside the boolean mask ``free`` held at 0.
+
+    A random-effects term dropped (its ``T_k = 0``) or reduced (e.g. ``(1 + x | g)`` to ``(1 | g)``: only
+    ``T_k[0, 0]`` free) is this refit, on the same data and fixed effects, for every backend (lmerTest's
+    ``ranova``).  BFGS on ``jax.grad`` of the deviance from ``fm``'s estimate; with nothing free the
+    deviance is evaluated at the constraint (a linear model when every term is dropped).  Warns with
+    :class:`RefitWarning` when the refit does not converge.
+    """
+    free = np.asarray(free, bool)
+    base = np.where(free, fm.theta_full, 0.0)
+    idx = np.flatnonzero(free)
+    if idx.size == 0:
+        dev = float(_deviance_at(jnp.asarray(base), fm.backend, fm.data, np.asarray(fm.reml)))
+        sol = Solution(x=base, value=dev, grad=np.zeros(0), x_start=base, value_start=dev, iterations=0,
+                       warm_iterations=0, polish_iterations=0, evaluations=1, grad_norm=0.0,
+                       result=int(Result.CONVERGED))
+        return estimates(fm.backend, fm.data, base, fm.reml, sol)
+    diag = np.concatenate([tm.diagonal_theta(fm.backend.terms), np.zeros(fm.backend.n_rho, bool)])
+    sol = jax.device_get(_minimize_constrained(jnp.asarray(base[idx]), jnp.asarray(base), jnp.asarray(idx),
+                                               tuple(bool(v) for v in diag[idx]), fm.backend, fm.data,
+                                               np.asarray(fm.reml)))
+    full = base.copy()
+    full[idx] = np.asarray(sol.x)
+    out = estimates(fm.backend, fm.data, full, fm.reml, sol)
+    if not out.converged:
+        warnings.warn(f"the {what} did not converge: {out.result.message}", RefitWarning, stacklevel=2)
     return out
