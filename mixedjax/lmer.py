@@ -237,6 +237,59 @@ def _vc_design(term: RETerm, outer: RETerm) -> fml.VCDesign:
     return fml.VCDesign(term.label, values, names)
 
 
+def lmer_term_rows(model: Any, data: pd.DataFrame, which: Any = None) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """The random-effects terms of an lmer-built model on new data: per term of ``model.term_info``,
+    ``(z_k (n, q_k), level label of each row (n,))``.
+
+    The columns are rebuilt from ``model.bars`` with the formula specs of the fit's data
+    (so factor codings match the fit), the labels as :func:`_factor` writes them (``"a:A"``
+    for the factor ``cask:batch``).  ``which``: indices of the terms to build (default
+    all); the others are ``None``.  :meth:`CrossedLM.term_rows` and, for lmer-built
+    per-group models, :meth:`mixedjax.MixedLM.term_rows` use it.
+
+    Examples
+    --------
+    >>> import mixedjax, pandas as pd
+    >>> r = mixedjax.lmer("strength ~ 1 + (1 | batch/cask)", mixedjax.datasets.load("pastes"))
+    >>> [(z.ravel().tolist(), list(lab)) for z, lab in r.model.term_rows(pd.DataFrame({"batch": ["A"], "cask": ["b"]}))]
+    [([1.0], ['A']), ([1.0], ['b:A'])]
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise ValueError(f"the random-effects design needs new data as a DataFrame, got {type(data).__name__}")
+    bars = getattr(model, "bars", None)
+    if bars is None or model.data is None or model.lmer_terms is None:
+        raise NotImplementedError("the random-effects terms of a model built without mixedjax.lmer(formula, data) "
+                                  "cannot be rebuilt for new data")
+    wanted = set(range(len(model.term_info))) if which is None else {int(k) for k in which}
+    by_label = {t.label: t for t in model.lmer_terms}
+    specs: dict[str, pd.DataFrame] = {}
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for k, info in enumerate(model.term_info):
+        if k not in wanted:
+            out.append(None)
+            continue
+        term = by_label[info.label]
+        bar = next(b for b in bars if b.text == term.source)
+        cols = [c.strip() for c in term.factor.split(":")]
+        missing = [c for c in cols if c not in data.columns]
+        if missing:
+            raise ValueError(f"random-effects term {bar.text!r}: grouping column(s) {missing} are not in the new "
+                             f"data; available: {list(data.columns)}")
+        if bar.text not in specs:
+            fml.required_columns("~" + bar.expr, data, f"random-effects term {bar.text!r}")
+            specs[bar.text] = fml.design(bar.expr, model.data)
+        zdf = fml.design_like(specs[bar.text], data)
+        names = ["(Intercept)" if c == "Intercept" else c for c in zdf.columns]
+        z = zdf.to_numpy(dtype=float)[:, [names.index(nm) for nm in term.names]]
+        if len(cols) == 1:
+            labels = np.array([str(v) for v in data[cols[0]].to_numpy()], dtype=object)
+        else:
+            key = data[cols[0]].astype(str).str.cat([data[c].astype(str) for c in cols[1:]], sep=":")
+            labels = key.to_numpy(dtype=object)
+        out.append((z, labels))
+    return out
+
+
 def lmer(
     formula: str,
     data: pd.DataFrame,
@@ -353,6 +406,7 @@ def lmer(
     model.group_name = outer.factor
     model.lmer_terms = terms
     model.bars = bars
+    model.term_rows_builder = lmer_term_rows
     model.api = "lme4"
     model.refit_formula = functools.partial(_refit_formula, data=frame, weights=w, residual=residual)
     info = []
@@ -438,3 +492,16 @@ class CrossedLM(LinearMixedModel):
         """Profiled deviance (−2ℓ, or the REML criterion) at θ."""
         return float(profiled_jit(self.backend, jnp.asarray(theta, float), self.backend_data,
                                   np.asarray(self._reml(reml))).deviance)
+
+    def term_rows(self, data: pd.DataFrame, which: Any = None) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Each random-effects term on new data, aligned with :attr:`term_info`: ``(z_k (n, q_k), level label of
+        each row (n,))`` (:func:`lmer_term_rows`); ``which``: the terms to build (default all, others ``None``).
+
+        Examples
+        --------
+        >>> import mixedjax, pandas as pd
+        >>> r = mixedjax.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", mixedjax.datasets.load("penicillin"))
+        >>> [list(lab) for _, lab in r.model.term_rows(pd.DataFrame({"plate": ["a", "new"], "sample": ["F", "A"]}))]
+        [['a', 'new'], ['F', 'A']]
+        """
+        return lmer_term_rows(self, data, which)
