@@ -641,11 +641,8 @@ class InferenceMixin:
     def ranova(self) -> pd.DataFrame:
         """Likelihood-ratio tests for dropping (or reducing) each random-effects term (lmerTest's ``ranova``).
 
-        Reduced models are refitted by the same criterion (REML or ML) from the model's
-        lme4 formula (models built by :func:`mixedjax.lmer`).
+        Reduced models are this model with the removed columns' covariance parameters held at 0,
+        refitted by the same criterion (REML or ML): every model kind, see
+        :func:`mixedjax.term_tests.ranova`.
         """
-        refit_formula = self.model.refit_formula
-        if refit_formula is None:
-            raise NotImplementedError("ranova needs a model built by mixedjax.lmer (an lme4 formula to reduce); "
-                                      "refit this model with mixedjax.lmer")
-        return ranova(self, refit_formula)
+        return ranova(self)

@@ -20,23 +20,21 @@ denominator df), and the table has lmerTest's columns: ``Mean Sq = F σ̂²``, `
 
 :func:`ranova` reproduces lmerTest's ``ranova(fit)``: each random-effects term is reduced by lmerTest's
 rules (``(1 + x | g)`` → ``(1 | g)``, ``(1 | g)`` → dropped), the reduced model refitted with the same
-criterion (REML or ML) and compared with the full model by a likelihood-ratio test.  A model left
-without random effects is an ordinary linear model whose (RE)ML log-likelihood is computed in closed
-form (lmerTest fits it with ``lm``).
-
-Only numpy, pandas, scipy and formulaic are imported here; refits go through a callable the caller
-passes (``fit_formula(formula, reml)``), so this module has no import of mixedjax itself.
+criterion (REML or ML) and compared with the full model by a likelihood-ratio test.  A reduced model is
+the fitted model with some entries of θ held at 0 (:func:`mixedjax.fit.fit_constrained`), so ranova works
+on every backend and residual structure; with every term dropped it is the linear model (or ``gls``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from .fit import fit_constrained
 
 __all__ = ["anova_terms", "ranova", "term_contrasts"]
 
@@ -465,124 +463,43 @@ def _deparse(text: str) -> str:
     return re.sub(r"\s+", " ", s).strip()
 
 
-def _lhs_terms(lhs: str) -> tuple[bool, list[str]]:
-    """(intercept?, term labels) of a random-effects left-hand side, as R's ``terms``."""
-    intercept = True
-    labels: list[str] = []
-    for piece in _split_top(lhs.replace("-", "+-"), "+"):
-        p = piece.replace(" ", "")
-        if p in ("", "1"):
-            continue
-        if p in ("0", "-1"):
-            intercept = False
-            continue
-        if p.startswith("-"):
-            labels = [lab for lab in labels if lab != p[1:]]
-            continue
-        facs = _split_top(p, "*")
-        if len(facs) > 1:  # a*b: a, b, a:b
-            new = []
-            for mask in range(1, 2 ** len(facs)):
-                new.append((bin(mask).count("1"), ":".join(f for i, f in enumerate(facs) if mask >> i & 1)))
-            labels += [lab for _, lab in sorted(new, key=lambda u: u[0])]
-        else:
-            labels.append(p)
-    return intercept, list(dict.fromkeys(labels))
-
-
 def _drop_scope(labels: list[str]) -> list[str]:
     """R's ``drop.scope``: terms not contained in (marginal to) any other term."""
     sets = [set(lab.split(":")) for lab in labels]
     return [lab for lab, s in zip(labels, sets, strict=True) if not any(s < o for o in sets)]
 
 
-def _expand_bars(rhs: str) -> tuple[str, list[tuple[str, str]]]:
-    """Fixed part and lme4's ``findbars`` list ``[(lhs, group)]`` (``||`` and ``a/b`` expanded)."""
-    fixed, bars = [], []
-    for piece in _split_top(rhs, "+"):
-        p = piece.strip()
-        inner = p[1:-1] if p.startswith("(") and p.endswith(")") else None
-        if inner is None or "|" not in inner:
-            fixed.append(p)
-            continue
-        double = "||" in inner
-        lhs, grp = (inner.split("||", 1) if double else inner.split("|", 1))
-        lhs, grp = lhs.strip(), grp.strip()
-        if "/" in grp:  # a/b/c -> c:b:a, b:a, a
-            parts = [g.strip() for g in grp.split("/")]
-            groups = [":".join(reversed(parts[: i + 1])) for i in range(len(parts))][::-1]
-        else:
-            groups = [grp]
-        for g in groups:
-            if double:
-                icpt, labels = _lhs_terms(lhs)
-                if icpt:
-                    bars.append(("1", g))
-                bars += [(f"0 + {lab}", g) for lab in labels]
-            else:
-                bars.append((lhs, g))
-    fe = " + ".join(f for f in fixed if f) or "1"
-    return fe, bars
-
-
-def _lm_loglik(y: np.ndarray, x: np.ndarray, reml: bool, w: np.ndarray | None = None) -> tuple[float, int]:
-    """(RE)ML log-likelihood of the linear model ``y ~ X`` (R's ``logLik.lm``) and its parameter count."""
-    n = y.shape[0]
-    w = np.ones(n) if w is None else np.asarray(w, dtype=float)
-    sw = np.sqrt(w)
-    xw, yw = x * sw[:, None], y * sw
-    if xw.shape[1]:
-        q, r = np.linalg.qr(xw)
-        keep = np.abs(np.diag(r)) > 1e-7 * max(1.0, float(np.max(np.abs(np.diag(r)))))
-        p = int(np.sum(keep))
-        resid = yw - q[:, keep] @ (q[:, keep].T @ yw)
-    else:
-        r, keep, p, resid = np.zeros((0, 0)), np.zeros(0, dtype=bool), 0, yw
-    rss = float(resid @ resid)
-    nn = n - p if reml else n
-    ll = 0.5 * (np.sum(np.log(w)) - nn * (np.log(2 * np.pi) + 1 - np.log(nn) + np.log(rss)))
-    if reml and p:
-        ll -= float(np.sum(np.log(np.abs(np.diag(r)[keep]))))
-    return float(ll), p + 1
-
-
 def _npar(res: Any) -> float:
-    k = getattr(res, "df_modelwc", None)
-    if k is None:
-        k = (res.aic + 2.0 * res.llf) / 2.0
-    return float(k)
+    return float(res.df_modelwc)
 
 
-def ranova(res: Any, fit_formula: Callable[[str, bool], Any]) -> pd.DataFrame:
-    """lmerTest's ``ranova(fit)``: likelihood-ratio tests of reduced random-effects terms.
+def _term_lhs(names: tuple[str, ...]) -> tuple[bool, list[str], str]:
+    """``(intercept?, covariate labels, lme4 left-hand side)`` of a term's columns."""
+    icpt = "(Intercept)" in names
+    labels = [n for n in names if n != "(Intercept)"]
+    if not labels:
+        return icpt, labels, "1"
+    return icpt, labels, " + ".join(labels) if icpt else "0 + " + " + ".join(labels)
 
-    Each random-effects term of the lme4 formula is reduced as lmerTest does (``reduce.terms =
-    TRUE``): a term with covariates, ``(1 + x | g)``, loses one droppable covariate at a time
-    (``x in (1 + x | g)``: refitted with ``(1 | g)``), a term without, ``(1 | g)``, is removed.  Each
-    reduced model is refitted with the criterion of the fit (REML stays REML) and compared with the
-    full model: ``LRT = 2 (logLik_full − logLik_reduced)`` on ``Df = npar_full − npar_reduced``.  A model
-    left without random-effects terms is a linear model whose (RE)ML log-likelihood is computed in
-    closed form (R's ``logLik(lm(...), REML = ...)``).
 
-    Parameters
-    ----------
-    res : LmerResults
-        A fit of :func:`mixedjax.lmer` (``res.model.formula`` is an lme4 formula).
-    fit_formula : callable
-        ``fit_formula(formula, reml) -> results``: refits the model formula ``formula`` (lme4 syntax) on
-        the same data (and weights), e.g. ``lambda f, reml: mixedjax.lmer(f, data, reml=reml)``.
+def ranova(res: Any) -> pd.DataFrame:
+    """lmerTest's ``ranova(fit)``: likelihood-ratio tests of reduced random-effects terms, for every model.
+
+    Each random-effects term is reduced as lmerTest does (``reduce.terms = TRUE``): a term with
+    covariates, ``(1 + x | g)``, loses one droppable covariate at a time (R's ``drop.scope``: one that no
+    other column of the term contains; row ``x in (1 + x | g)``), a term without, ``(1 | g)``, is removed
+    (a term with a single covariate and no intercept, ``(0 + x | g)``, is removed too).  The reduced model
+    is the same model with the entries of θ for the removed columns held at 0
+    (:func:`mixedjax.fit.fit_constrained`), refitted by the criterion of the fit (REML stays REML) on the
+    same data, fixed effects and residual structure, so it works for every backend (one grouping factor,
+    nested, crossed, VarIdent/AR(1) residuals); with every term removed it is the linear model (or
+    ``gls``).  ``LRT = 2 (logLik_full − logLik_reduced)`` on ``Df = npar_full − npar_reduced``.
 
     Returns
     -------
     pandas.DataFrame
-        Rows ``<none>`` (the full model) and one per reduction (lmerTest's names: ``Days in (Days |
+        Rows ``<none>`` (the full model) and one per reduction (lmerTest's names: ``Days in (1 + Days |
         Subject)``, ``(1 | plate)``), columns ``npar, logLik, AIC, LRT, Df, Pr(>Chisq)``.
-        ``attrs["formulae"]`` maps each row to the formula refitted.
-
-    Raises
-    ------
-    NotImplementedError
-        For models without an lme4 formula (``mixedjax.mixedlm``): refit with :func:`mixedjax.lmer`.
 
     Examples
     --------
@@ -590,69 +507,43 @@ def ranova(res: Any, fit_formula: Callable[[str, bool], Any]) -> pd.DataFrame:
     >>> from mixedjax.term_tests import ranova
     >>> d = mixedjax.datasets.load("sleepstudy")
     >>> r = mixedjax.lmer("Reaction ~ Days + (Days | Subject)", d)
-    >>> t = ranova(r, lambda f, reml: mixedjax.lmer(f, d, reml=reml))
+    >>> t = ranova(r)
     >>> list(t.index)
     ['<none>', 'Days in (Days | Subject)']
     >>> round(float(t["LRT"].iloc[1]), 2), int(t["Df"].iloc[1])
     (42.84, 2)
     """
-    formula = getattr(res.model, "formula", None)
-    if not isinstance(formula, str) or "|" not in formula or "~" not in formula:
-        raise NotImplementedError("ranova needs a model fitted with mixedjax.lmer (an lme4 formula with "
-                                  "(expr | group) terms); refit this model with mixedjax.lmer")
-    lhs, rhs = formula.split("~", 1)
-    fe, bars = _expand_bars(rhs)
+    fm = res.fitted
+    backend = fm.backend
     reml = bool(res.reml)
     rows = {"<none>": (_npar(res), float(res.llf))}
-    formulae = {"<none>": formula}
-    bar_text = [f"({b[0]} | {b[1]})" for b in bars]
-    for i, (blhs, grp) in enumerate(bars):
-        form = _deparse(f"{blhs} | {grp}")
-        icpt, labels = _lhs_terms(blhs)
-        if not labels:
-            reductions = {f"({form})": None}
+    offsets = np.cumsum([0] + [t.n_theta for t in backend.terms])
+    n_full = backend.n_theta + backend.n_rho
+    for k, (spec, info) in enumerate(zip(backend.terms, res.model.term_info, strict=True)):
+        icpt, labels, lhs = _term_lhs(info.names)
+        grp = info.factor
+        form = _deparse(f"{lhs} | {grp}")
+        r_idx, c_idx = spec.positions()
+        if not labels or (not icpt and len(labels) == 1):
+            drops = {f"({form})": list(range(spec.q))}
         else:
-            reductions = {}
-            for scp in _drop_scope(labels):
-                rest = [lab for lab in labels if lab != scp]
-                new_lhs = "1" if not rest else (" + ".join(rest) if icpt else "0 + " + " + ".join(rest))
-                reductions[f"{_deparse(scp)} in ({form})"] = f"({new_lhs} | {grp})"
-        for name, new_bar in reductions.items():
-            others = bar_text[:i] + ([new_bar] if new_bar else []) + bar_text[i + 1 :]
-            new_formula = f"{lhs.strip()} ~ " + " + ".join([fe, *others])
-            formulae[name] = new_formula
-            if others:
-                fit = fit_formula(new_formula, reml)
-                rows[name] = (_npar(fit), float(fit.llf))
-            else:
-                y, x, w = _lm_data(res, lhs.strip())
-                ll, k = _lm_loglik(y, x, reml, w)
-                rows[name] = (float(k), ll)
+            drops = {f"{_deparse(lab)} in ({form})": [info.names.index(lab)] for lab in _drop_scope(labels)}
+        for name, cols in drops.items():
+            free = np.ones(n_full, bool)
+            for e, (a, b) in enumerate(zip(r_idx, c_idx, strict=True)):
+                if a in cols or b in cols:
+                    free[offsets[k] + e] = False
+            reduced = fit_constrained(fm, free, what=f"ranova refit without {name}")
+            rows[name] = (_npar(res) - float(np.sum(~free)), float(reduced.llf))
     npar = np.array([v[0] for v in rows.values()])
     ll = np.array([v[1] for v in rows.values()])
     lrt = 2 * (ll[0] - ll)
     df = npar[0] - npar
     with np.errstate(invalid="ignore"):
-        pv = np.where(df > 0, stats.chi2.sf(lrt, np.where(df > 0, df, 1)), np.nan)
+        pv = np.where(df > 0, stats.chi2.sf(np.maximum(lrt, 0.0), np.where(df > 0, df, 1)), np.nan)
     lrt[0] = df[0] = pv[0] = np.nan
     table = pd.DataFrame({"npar": npar, "logLik": ll, "AIC": -2 * ll + 2 * npar, "LRT": lrt, "Df": df,
                           "Pr(>Chisq)": pv}, index=pd.Index(list(rows), dtype=object))
     table.attrs["heading"] = "ANOVA-like table for random-effects: Single term deletions"
-    table.attrs["formulae"] = formulae
+    table.attrs["criterion"] = "REML" if reml else "ML"
     return table
-
-
-def _lm_data(res: Any, yname: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(y, X, weights) of the fit, for the linear model without random effects."""
-    x = np.asarray(res.model.designs["fe"], dtype=float)
-    data = getattr(res.model, "data", None)
-    if data is not None and yname in data.columns:
-        y = data[yname].to_numpy(dtype=float)
-    else:
-        y = np.asarray(res.model.endog, dtype=float).reshape(-1)
-    w = getattr(res.model, "weights", None)
-    if w is not None:
-        w = np.asarray(w, dtype=float).reshape(-1)
-        if w.shape[0] != y.shape[0] or np.all(w == 1):
-            w = None
-    return y, x, w

@@ -119,7 +119,8 @@ def _new_data(k: dict) -> pd.DataFrame:
     head = d.iloc[:5].copy()
     unseen = head.copy()
     for col in unseen.columns:
-        if col != k["response"] and (isinstance(d[col].dtype, pd.CategoricalDtype) or d[col].dtype == object):
+        if col != k["response"] and (isinstance(d[col].dtype, pd.CategoricalDtype)
+                                     or pd.api.types.is_string_dtype(d[col])):
             if col in ("Sex", "sex"):  # fixed-effects factors keep their levels
                 continue
             unseen[col] = unseen[col].astype(str) + "_new"
