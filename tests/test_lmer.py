@@ -150,7 +150,8 @@ def test_nested_equals_vc_formula(method):
         np.testing.assert_allclose(got, np.ravel(cm["conditional_mode"]), rtol=1e-4, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["mixedjax.lmer", "mixedjax.crossed", "mixedjax.residuals"])
+@pytest.mark.parametrize("name", ["mixedjax.lmer", "mixedjax.crossed_data", "mixedjax.crossed_likelihood",
+                                  "mixedjax.dfo", "mixedjax.residuals"])
 def test_docstring_examples(name):
     import doctest
     import importlib
