@@ -120,7 +120,7 @@ def case(request):
     model = CASES[name]()
     points = _random_psi_points(model.structure, N_POINTS, seed=zlib.crc32(name.encode()))
     full = np.concatenate([np.zeros((N_POINTS, model.k_fe)), points], axis=1)
-    autodiff = jax.device_get(_jax_derivatives(jnp.asarray(full), model._cp, model.structure))
+    autodiff = jax.device_get(_jax_derivatives(jnp.asarray(full), model.backend_data.cp, model.structure))
     return name, model, lb.group_blocks(model), points, autodiff
 
 
@@ -227,7 +227,7 @@ def test_optimizer_gradient_matches_autodiff(name):
     from mixedjax.likelihood import deviance, deviance_and_grad
 
     model = _wide_components() if name == "wide_components" else CASES[name]()
-    st, cp = model.structure, model._cp
+    st, cp = model.structure, model.backend_data.cp
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     thetas = rng.normal(0.0, 0.8, (8, st.n_theta))
     thetas[-1, np.flatnonzero(st.diagonal_theta())[-1]] = 0.0
