@@ -195,6 +195,14 @@ def simulate_one(backend: Any, key: Array, theta: Array, beta: Array, sigma2: Ar
 profiled_jit = jax.jit(profiled, static_argnames=("backend",), compiler_options=FAST_COMPILE)
 conditional_jit = jax.jit(conditional, static_argnames=("backend",))
 info_natural_jit = jax.jit(jax.jacrev(jax.grad(loglike_natural, argnums=1), argnums=1), static_argnames=("backend",))
+
+
+def _loglike_natural_sub(v_sub: Array, v_full: Array, idx: Array, backend: Any, data: Any, reml: Any) -> Array:
+    return loglike_natural(backend, v_full.at[idx].set(v_sub), None, data, reml)
+
+
+# the information of a subset of the natural parameters, the others held (a singular fit's boundary variances)
+info_natural_sub_jit = jax.jit(jax.jacrev(jax.grad(_loglike_natural_sub)), static_argnames=("backend",))
 loglike_given_jit = jax.jit(
     lambda backend, theta, data, beta, reml: -0.5 * deviance_given(normal_at(backend, theta, data), backend.nobs(data),
                                                                    beta, None, reml), static_argnames=("backend",))
@@ -581,7 +589,7 @@ class CrossedBackend:
         return v
 
     def minimize(self, theta0: np.ndarray, data: CrossedModelData, reml: bool, maxiter: int = 1000,
-                 ftol: float = 1e-9, scales: np.ndarray | None = None, **_: Any) -> Solution:
+                 ftol: float = 1e-3, xtol: float = 1e-4, scales: np.ndarray | None = None, **_: Any) -> Solution:
         """Derivative-free trust-region Newton (:func:`mixedjax.dfo.minimize_dfo`) on ``θ = c sinh φ``.
 
         The host loop calls one small jitted program (the profiled deviance), so compilation
@@ -589,9 +597,12 @@ class CrossedBackend:
         entries of θ are searched as ``θ = c sinh φ``: linear below the scale ``c`` (about
         ``1/√(rows per level)``, where a term's log-determinant turns from quadratic to
         logarithmic in θ) and logarithmic above, so the deviance is close to quadratic in φ
-        from the boundary to large variances; it is even in each diagonal entry, so φ is
-        unconstrained.  ``maxiter`` caps the evaluations; ``ftol`` is the predicted decrease
-        of the deviance at which the search stops.
+        from the boundary to large variances, and a step in φ is a relative change of a
+        variance; it is even in each term's last diagonal entry, so φ is unconstrained.
+        ``maxiter`` caps the evaluations; ``ftol`` is the predicted decrease at which the
+        search hands over to the Newton polish, ``xtol`` the Newton step (in φ) below which
+        the polish takes its last step.  Diagonal entries below ``SNAP_TOL`` are then tried at
+        exactly 0 (a singular fit), kept unless the deviance gets worse.
         """
         theta0 = np.asarray(theta0, float)
         diag = tm.diagonal_theta(self.terms)
@@ -601,14 +612,17 @@ class CrossedBackend:
             return np.where(diag, c * np.sinh(phi), phi)
 
         reml_arr = np.asarray(bool(reml))
+        # compiled ahead, so that the optimiser's first batch runs concurrently (and calls skip jit's dispatch)
+        program = profiled_jit.lower(self, theta0, data, reml_arr).compile()
 
         def fun(phi):
-            return float(profiled_jit(self, to_theta(phi), data, reml_arr).deviance)
+            return float(program(to_theta(phi), data, reml_arr).deviance)
 
         with _single_threaded_lapack(), \
                 ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 2 * theta0.size))) as pool:
             sol = minimize_dfo(lambda pts: list(pool.map(fun, pts)), np.where(diag, np.arcsinh(theta0 / c), theta0),
-                               0.1, float(ftol), int(maxiter))
+                               0.1, float(ftol), int(maxiter), xtol=float(xtol), snap=diag,
+                               snap_tol=np.arcsinh(SNAP_TOL / c))
         grad = sol.grad / np.where(diag, c * np.cosh(sol.x), 1.0)  # chain rule back to θ
         return sol._replace(x=to_theta(sol.x), grad=grad, x_start=theta0, grad_norm=float(np.abs(grad).max()))
 

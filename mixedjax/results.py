@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .backends import conditional_jit, info_natural_jit, natural_from_fit, natural_size
+from .backends import conditional_jit, info_natural_jit, info_natural_sub_jit, natural_from_fit, natural_size
 from .fit import ConvergenceWarning, FittedModel
 from .inference import InferenceMixin
 from .optimize import Result
@@ -226,20 +226,46 @@ class MixedLMResults(InferenceMixin):
     @functools.cached_property
     def cov_natural(self) -> np.ndarray:
         """Inverse observed information of the natural-scale variance parameters (each term's covariance
-        entries, then the residual-structure parameters on their natural scale), β held at β̂."""
+        entries, then the residual-structure parameters on their natural scale), σ² among them and β profiled
+        (nlme's ``apVar``; statsmodels inverts the joint information, which gives the same block)."""
         fm = self.fitted
         backend = fm.backend
         v = np.concatenate([natural_from_fit(backend, fm.theta_full, self.scale), [self.scale]])
-        h = np.asarray(info_natural_jit(backend, jnp.asarray(v), jnp.asarray(fm.beta), fm.data, self.reml))
+        # β profiled (REML: integrated out, as the criterion itself): the v-block of the inverse joint information
+        h = np.asarray(info_natural_jit(backend, jnp.asarray(v), None, fm.data, self.reml))
         k = natural_size(backend)
-        if not np.all(np.isfinite(h)):
-            return _boundary_nan(h, k)
+        if np.all(np.isfinite(h)):
+            try:
+                if np.linalg.eigvalsh(-h).min() > 0:
+                    return np.linalg.inv(-h)[:k, :k]
+            except np.linalg.LinAlgError:
+                pass
+        # a variance on the boundary (θ diagonal 0): its derivative does not exist there; the others' information
+        # is taken with the boundary variances (and their covariances) held at 0, and their rows are NaN
+        fixed = np.zeros(len(v), bool)
+        diag = diagonal_theta(backend.terms)
+        off = 0
+        for t, f in zip(backend.terms, factors_np(fm.theta, backend.terms), strict=True):
+            r, c = t.positions()
+            zero = np.abs(np.diag(f)) < SINGULAR_TOL
+            fixed[off : off + t.n_theta] = zero[r] | zero[c]
+            off += t.n_theta
+        del diag
+        keep = np.flatnonzero(~fixed)
+        out = np.full((k, k), np.nan)
+        if not fixed.any():
+            return out
+        hs = np.asarray(info_natural_sub_jit(jnp.asarray(v[keep]), jnp.asarray(v), jnp.asarray(keep), backend,
+                                             fm.data, self.reml))
         try:
-            if np.linalg.eigvalsh(-h).min() <= 0:
-                return _boundary_nan(h, k)
-            return np.linalg.inv(-h)[:k, :k]
+            if not np.all(np.isfinite(hs)) or np.linalg.eigvalsh(-hs).min() <= 0:
+                return out
+            inv = np.linalg.inv(-hs)
         except np.linalg.LinAlgError:
-            return np.full((k, k), np.nan)
+            return out
+        sub = keep[keep < k]
+        out[np.ix_(sub, sub)] = inv[: len(sub), : len(sub)]
+        return out
 
     def cov_params(self) -> pd.DataFrame:
         """Covariance of ``params``, with statsmodels' scaling.
@@ -482,23 +508,3 @@ LmerResults = MixedLMResults  # lmer fits return the same class (an alias kept f
 
 def _factors(theta: np.ndarray, backend: Any) -> list[np.ndarray]:
     return factors_np(theta, backend.terms)
-
-
-def _boundary_nan(h: np.ndarray, k: int) -> np.ndarray:
-    """NaN where the information is singular: the inverse of the block of parameters with finite, regular
-    curvature, NaN for the rest (a variance on the boundary of a singular fit)."""
-    out = np.full((k, k), np.nan)
-    ok = np.all(np.isfinite(h), axis=0) & np.all(np.isfinite(h), axis=1)
-    ok[k:] = True
-    idx = np.flatnonzero(ok)
-    sub = -h[np.ix_(idx, idx)]
-    try:
-        w = np.linalg.eigvalsh(sub)
-        if w.min() <= 0:
-            return out
-        inv = np.linalg.inv(sub)
-    except np.linalg.LinAlgError:
-        return out
-    keep = idx[idx < k]
-    out[np.ix_(keep, keep)] = inv[: len(keep), : len(keep)]
-    return out

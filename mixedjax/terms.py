@@ -113,7 +113,10 @@ def covariances(theta: np.ndarray, sigma2: float, terms: tuple[TermSpec, ...]) -
 def factor_from_cov(cov: Array, term: TermSpec) -> Array:
     """``T`` with ``T Tᵀ = cov`` inside JAX (a semidefinite Cholesky; square roots for a diagonal term)."""
     if term.diagonal or term.q == 1:
-        return jnp.diag(jnp.sqrt(jnp.diagonal(cov)))
+        d = jnp.diagonal(cov)
+        pos = d > 0
+        # a variance of exactly 0 (a boundary estimate): factor 0, with finite derivatives in everything else
+        return jnp.diag(jnp.where(pos, jnp.sqrt(jnp.where(pos, d, 1.0)), 0.0))
     return cholesky(cov, semidefinite=True)
 
 
