@@ -185,17 +185,28 @@ def test_satterthwaite_contrast_and_f():
         res.t_test("Time = 7", ddf="wrong")
 
 
-def test_crossed_models_get_lrt_and_clear_errors_elsewhere():
+def test_crossed_models_get_lrt_wald_and_every_feature():
     d = mixedjax.datasets.load("penicillin")
     big = mixedjax.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", d)  # the same program as test_crossed
     small = mixedjax.lmer("diameter ~ 1 + (1 | plate)", d)
     t = mixedjax.anova(small, big)
     assert int(t["Df"].iloc[1]) == 1 and t["Chisq"].iloc[1] > 0
     assert abs(big.t_test("Intercept = 23").tvalue[0] - (big.fe_params.iloc[0] - 23) / big.bse_fe.iloc[0]) < 1e-9
-    for call in (lambda: big.fe_table("satterthwaite"), lambda: big.conf_int(method="profile"),
-                 lambda: big.bootstrap(n=32), lambda: big.predict(d, conditional=True)):
-        with pytest.raises(NotImplementedError, match="crossed"):
-            call()
+    # once NotImplementedError on the crossed path; every feature now reads the one fitted-model interface
+    # (their numbers against lme4 are in test_profile / test_bootstrap / test_predict)
+    est = {"sd_(Intercept)|plate": np.sqrt(big.varcorr().vcov.iloc[0]),
+           "sd_(Intercept)|sample": np.sqrt(big.varcorr().vcov.iloc[1]),
+           "sigma": np.sqrt(big.scale), "(Intercept)": big.fe_params.iloc[0]}
+    ci = big.conf_int(method="profile")
+    assert list(ci.index) == list(est)
+    for name, value in est.items():
+        assert ci.loc[name].iloc[0] < value < ci.loc[name].iloc[1]
+    boot = big.bootstrap(n=32)
+    assert boot.n == 32 and boot.n_failed == 0
+    assert boot.estimate.loc[list(est)].to_numpy() == pytest.approx(list(est.values()), rel=1e-10)
+    # conditional prediction on the fitted rows is the fitted values; marginal prediction is X beta
+    np.testing.assert_allclose(np.asarray(big.predict(d, conditional=True)), big.fittedvalues, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(big.predict(d)), big.fe_params.iloc[0], rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["mixedjax.inference", "mixedjax.ddf", "mixedjax.predict", "mixedjax.profile",
