@@ -478,11 +478,25 @@ class CrossedLM(LinearMixedModel):
         self.reml = True
 
     def default_start(self) -> np.ndarray | None:
-        """MIVQUE(0) (:func:`mixedjax.crossed_data.mivque_start`) when every term is scalar, else lme4's θ = 1."""
-        return mivque_start(self.endog, self.exog, self.lmer_terms, self.weights)
+        """MIVQUE(0) variances (:func:`mixedjax.crossed_data.mivque_start`): of every term when all are scalar,
+        else of every column of every term taken as its own scalar term, on the diagonal of each ``T_k`` (no
+        correlation to start from); lme4's θ = 1 when MIVQUE fails (``None``)."""
+        terms = self.lmer_terms
+        if all(t.q == 1 for t in terms):
+            return mivque_start(self.endog, self.exog, terms, self.weights)
+        columns = [RETerm(t.factor, t.codes, t.levels, t.z[:, [j]], [t.names[j]], t.source, t.label)
+                   for t in terms for j in range(t.q)]
+        sd = mivque_start(self.endog, self.exog, columns, self.weights)
+        if sd is None:
+            return None
+        out, k = [], 0
+        for t in terms:
+            out.append(np.diag(sd[k : k + t.q])[np.tril_indices(t.q)])
+            k += t.q
+        return np.concatenate(out)
 
     def default_options(self) -> dict:
-        return {"maxiter": 1000, "ftol": 1e-9, "scales": theta_scales(self.lmer_terms, self.weights)}
+        return {"maxiter": 1000, "ftol": 1e-3, "xtol": 1e-4, "scales": theta_scales(self.lmer_terms, self.weights)}
 
     def fit_options(self, maxiter: int | None, gtol: float | None, em_iter: int | None) -> dict:
         """``maxiter`` caps the deviance evaluations; ``gtol`` and ``em_iter`` belong to the per-group fit."""
