@@ -7,8 +7,11 @@ import importlib
 
 import pytest
 
-MODULES = ["mixedjax.linalg", "mixedjax.covariance", "mixedjax.data", "mixedjax.likelihood", "mixedjax.optimize",
-           "mixedjax.model", "mixedjax.results", "mixedjax.lindstrom_bates"]
+# the feature modules are doctested beside their tests (test_inference, test_ddf, test_many_backends,
+# test_term_tests), lmer / residuals / the crossed modules in test_lmer
+MODULES = ["mixedjax.linalg", "mixedjax.covariance", "mixedjax.terms", "mixedjax.data", "mixedjax.likelihood",
+           "mixedjax.optimize", "mixedjax.backends", "mixedjax.fit", "mixedjax.model", "mixedjax.results",
+           "mixedjax.lindstrom_bates", "mixedjax.batch"]
 
 
 @pytest.mark.parametrize("name", MODULES)
