@@ -1,15 +1,29 @@
 """Parametric bootstrap: simulate from the fitted model and refit every replicate in one jitted, vmapped call.
 
-``y* = X β̂ + Z b* + ε*`` with ``b*_g = σ̂ Λ̂ u_g``, ``u_g ~ N(0, I)`` and
-``ε* ~ N(0, σ̂² / w)`` (JAX's counter-based PRNG, so a seed gives the same draws on
-any device and batch size).  Each replicate's cross-products are formed and its
-fit run (:func:`mixedjax.fit_theta`) inside one ``vmap``: no Python loop over
-replicates.  lme4's ``bootMer`` with ``use.u = FALSE``; percentile intervals.
+Written once against the backend interface (:mod:`mixedjax.backends`), so it serves
+every model kind: one grouping factor, nested factors, structured residuals
+(VarIdent, AR(1): ρ is refitted with θ) and crossed factors.
+
+``y* = X β̂ + Z b* + ε*`` with ``b*_k = σ̂ u T̂_kᵀ`` per term, ``u ~ N(0, I)``, and
+``ε* ~ N(0, σ̂² R̂ / w)`` (:func:`mixedjax.backends.simulate_one`; JAX's
+counter-based PRNG, so a seed gives the same draws on any device and batch size).
+Each replicate's response enters the backend's data through ``with_response``
+(everything response-free is reused) and is refitted by the backend's pure-JAX
+optimiser (``minimize_jax``) inside one ``vmap``: no Python loop over replicates.
+lme4's ``bootMer`` with ``use.u = FALSE``; percentile intervals.
+
+Examples
+--------
+>>> import mixedjax
+>>> d = mixedjax.datasets.load("penicillin")
+>>> r = mixedjax.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", d)
+>>> b = bootstrap(r, n=8, seed=1)
+>>> list(b.replicates.columns[:4]), b.n_failed
+(['sd_(Intercept)|plate', 'sd_(Intercept)|sample', 'sigma', '(Intercept)'], 0)
 """
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -17,37 +31,33 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .covariance import CovStructure, lam_from_theta, normalize_theta
-from .data import GroupedData, cross_products
-from .likelihood import profile
-from .model import FAST_COMPILE, fit_theta
+from . import terms as tm
+from .backends import FAST_COMPILE, SINGLE_FIT, profiled, simulate_one
 from .optimize import Result
 
 if TYPE_CHECKING:
     from .results import MixedLMResults
 
 
-def _simulate_padded(key: jax.Array, theta, beta, sigma2, base: GroupedData, structure: CovStructure) -> jax.Array:
-    """One simulated response in the padded layout ``(G, n_max)`` (0 on padding)."""
-    lam = lam_from_theta(theta, structure)
-    g, n_max, q = base.z.shape
-    k1, k2 = jax.random.split(key)
-    sigma = jnp.sqrt(sigma2)
-    b = sigma * jax.random.normal(k1, (g, q), dtype=beta.dtype) @ lam.T
-    w = jnp.where(base.mask > 0, base.w, 1.0)
-    eps = sigma * jax.random.normal(k2, (g, n_max), dtype=beta.dtype) / jnp.sqrt(w)
-    y = jnp.einsum("gnp,p->gn", base.x, beta) + jnp.einsum("gnq,gq->gn", base.z, b) + eps
-    return jnp.where(base.mask > 0, y, 0.0)
+def _key(seed: Any) -> jax.Array:
+    """A PRNG key from an int seed (or a key passed through)."""
+    if isinstance(seed, jax.Array) and seed.dtype == jnp.uint32:
+        return seed
+    return jax.random.PRNGKey(0 if seed is None else int(seed))
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "n"))
-def simulate_padded(key, theta, beta, sigma2, base: GroupedData, structure: CovStructure, n: int) -> jax.Array:
-    """``n`` simulated responses, ``(n, G, n_max)``."""
+def _simulate_impl(key: jax.Array, theta: jax.Array, beta: jax.Array, sigma2: jax.Array, data: Any, backend: Any,
+                   n: int) -> jax.Array:
     keys = jax.random.split(key, n)
-    return jax.vmap(lambda k: _simulate_padded(k, theta, beta, sigma2, base, structure))(keys)
+    return jax.vmap(lambda k: simulate_one(backend, k, theta, beta, sigma2, data))(keys)
 
 
-class _BootOut(NamedTuple):
+_simulate = jax.jit(_simulate_impl, static_argnames=("backend", "n"), compiler_options=FAST_COMPILE)
+
+
+class BootOut(NamedTuple):
+    """Per replicate: ``theta`` (``concat(θ, ρ)``), ``beta``, ``sigma2``, ``deviance``, optimiser ``result``."""
+
     theta: jax.Array
     beta: jax.Array
     sigma2: jax.Array
@@ -55,47 +65,131 @@ class _BootOut(NamedTuple):
     result: jax.Array
 
 
-def _bootstrap_impl(key, theta, beta, sigma2, theta0, base: GroupedData, zmask, structure: CovStructure, reml, n: int,
-               maxiter: int, gtol: float, em_iter: int) -> _BootOut:
-    def one(k):
-        y = _simulate_padded(k, theta, beta, sigma2, base, structure)
-        cp = cross_products(base._replace(y=y))
-        sol = fit_theta(theta0, cp, zmask, structure, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter)
-        pr = profile(sol.x, cp, structure, reml)
-        return _BootOut(sol.x, pr.beta, pr.sigma2, pr.deviance, sol.result)
+def _bootstrap_impl(key: jax.Array, theta: jax.Array, beta: jax.Array, sigma2: jax.Array, theta0: jax.Array,
+                    data: Any, backend: Any, reml: jax.Array, n: int, maxiter: int, gtol: float,
+                    em_iter: int) -> BootOut:
+    """Simulate ``n`` responses and refit each (one vmapped program)."""
 
+    def one(k):
+        d = backend.with_response(data, simulate_one(backend, k, theta, beta, sigma2, data))
+        sol = backend.minimize_jax(theta0, d, reml, maxiter, gtol, em_iter)
+        pr = profiled(backend, sol.x, d, reml)
+        return BootOut(sol.x, pr.beta, pr.sigma2, pr.deviance, sol.result)
+
+    # the same keys as simulate(): replicate k refits the k-th simulated response
     return jax.vmap(one)(jax.random.split(key, n))
 
 
-_STATIC = ("structure", "n", "maxiter", "gtol", "em_iter")
-_bootstrap = jax.jit(_bootstrap_impl, static_argnames=_STATIC)
-# XLA's backend optimisation level 0: on 2 CPU cores the vmapped fit compiles in ~2 s instead of ~5 s and
-# then runs ~3x slower (1000 sleepstudy refits: 0.4 s instead of 0.12 s); a bootstrap is usually run once
-_bootstrap_fast_compile = jax.jit(_bootstrap_impl, static_argnames=_STATIC,
-                                  compiler_options={**FAST_COMPILE, "xla_backend_optimization_level": 0})
-
-
-def _check(res: MixedLMResults) -> None:
-    if getattr(res, "residual_params", np.zeros(0)).size:
-        raise NotImplementedError("the parametric bootstrap is implemented for iid (optionally weighted) residuals")
-    if not hasattr(res.model, "_padded"):
-        raise NotImplementedError("the parametric bootstrap needs a per-group model (no crossed factors)")
-
-
-def _key(seed: Any) -> jax.Array:
-    if isinstance(seed, jax.Array) and seed.dtype == jnp.uint32:
-        return seed
-    return jax.random.PRNGKey(0 if seed is None else int(seed))
+_STATIC = ("backend", "n", "maxiter", "gtol", "em_iter")
+_bootstrap = jax.jit(_bootstrap_impl, static_argnames=_STATIC, compiler_options=FAST_COMPILE)
+# XLA's backend optimisation level 0: on 2 CPU cores the vmapped sleepstudy fit compiles in ~2 s instead of ~5 s
+# and then runs ~3x slower (1000 refits: 0.4 s instead of 0.12 s); a bootstrap is usually run once
+_bootstrap_fast_compile = jax.jit(_bootstrap_impl, static_argnames=_STATIC, compiler_options=SINGLE_FIT)
 
 
 def simulate(res: MixedLMResults, n: int = 1, seed: Any = 0) -> np.ndarray:
-    """See :meth:`mixedjax.MixedLMResults.simulate`."""
-    _check(res)
-    m = res.model
-    ys = simulate_padded(_key(seed), jnp.asarray(res.theta), jnp.asarray(res.fe_params.to_numpy()),
-                         jnp.asarray(res.scale), m._padded, m.structure, int(n))
-    ys = np.asarray(ys)
-    return ys[:, m._gi.codes, m._gi.position].T  # (nobs, n) in the model's row order
+    """``n`` responses simulated from a fit, ``(nobs, n)`` in the model's row order.
+
+    See :meth:`mixedjax.MixedLMResults.simulate`.  Column ``k`` is the response that
+    :func:`bootstrap` with the same ``seed`` refits as replicate ``k``.
+
+    Examples
+    --------
+    >>> import mixedjax
+    >>> d = mixedjax.datasets.load("orthodont")
+    >>> r = mixedjax.mixedlm("distance ~ age + Sex", d, groups="Subject", residual=mixedjax.VarIdent("Sex")).fit()
+    >>> simulate(r, 5, seed=2).shape
+    (108, 5)
+    """
+    if int(n) < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    fm = res.fitted
+    ys = _simulate(_key(seed), jnp.asarray(fm.theta_full), jnp.asarray(fm.beta), jnp.asarray(fm.sigma2), fm.data,
+                   fm.backend, int(n))
+    return np.asarray(ys).T
+
+
+def _group_names(res: MixedLMResults) -> list[str]:
+    """lme4's grouping name of each term (``Subject``, ``cask:batch``), made unique only where two terms would
+    produce the same column name (lme4 keeps ``sd_(Intercept)|g`` and ``sd_x|g`` for ``(1 + x || g)``)."""
+    infos = res.model.term_info
+    seen: set[str] = set()
+    out = []
+    for info, unique in zip(infos, res.term_labels, strict=True):
+        cols = {f"sd_{nm}|{info.label}" for nm in info.names}
+        label = info.label if not (cols & seen) else unique
+        seen |= {f"sd_{nm}|{label}" for nm in info.names}
+        out.append(label)
+    return out
+
+
+def lme4_scale(res: MixedLMResults, theta: np.ndarray, beta: np.ndarray,
+               sigma2: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """lme4's parameter names and values for M fits of ``res``'s model, in the row order of lme4's ``confint``.
+
+    Per random-effects term, in lme4's term order (more levels first): ``sd_<col>|<group>``
+    and ``cor_<col_i>.<col_j>|<group>``; then the residual-structure parameters on their
+    natural scale (``model.residual_param_names``: VarIdent sd ratios, AR(1) ``Phi``),
+    ``sigma`` and the fixed effects (``(Intercept)``).
+
+    Parameters
+    ----------
+    theta : (M, n_theta + n_rho)
+        ``concat(θ, ρ)`` of each fit (any column signs).
+    beta : (M, p)
+    sigma2 : (M,)
+
+    Returns
+    -------
+    names : list of str
+    values : (M, len(names))
+
+    Examples
+    --------
+    >>> import mixedjax, numpy as np
+    >>> d = mixedjax.datasets.load("sleepstudy")
+    >>> r = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days").fit()
+    >>> names, vals = lme4_scale(r, r.fitted.theta_full[None], r.fitted.beta[None], np.array([r.scale]))
+    >>> names[:3], round(float(vals[0, 3]), 3)
+    (['sd_(Intercept)|Subject', 'cor_Days.(Intercept)|Subject', 'sd_Days|Subject'], 25.592)
+    """
+    fm = res.fitted
+    backend = fm.backend
+    theta = np.atleast_2d(np.asarray(theta, float))
+    m = theta.shape[0]
+    beta = np.asarray(beta, float).reshape(m, -1)
+    sigma2 = np.asarray(sigma2, float).reshape(m)
+    infos = res.model.term_info
+    groups = _group_names(res)
+    slices = tm.theta_slices(backend.terms)
+    order = sorted(range(len(infos)), key=lambda k: -infos[k].n_levels)  # stable: lme4 sorts terms by levels
+    names, vals = [], []
+    for k in order:
+        t, info, sl = backend.terms[k], infos[k], slices[k]
+        r, c = t.positions()
+        lam = np.zeros((m, t.q, t.q))
+        lam[:, r, c] = theta[:, sl]
+        cov = lam @ lam.transpose(0, 2, 1) * sigma2[:, None, None]
+        sd = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0, None))
+        for j in range(t.q):
+            names.append(f"sd_{info.names[j]}|{groups[k]}")
+            vals.append(sd[:, j])
+            if t.diagonal:
+                continue
+            for i in range(j + 1, t.q):
+                names.append(f"cor_{info.names[i]}.{info.names[j]}|{groups[k]}")
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    vals.append(np.where(sd[:, i] * sd[:, j] > 0, cov[:, i, j] / (sd[:, i] * sd[:, j]), np.nan))
+    if backend.n_rho:
+        names += list(res.model.residual_param_names)
+        rho = theta[:, backend.n_theta :]
+        nat = np.stack([np.asarray(backend.rho_to_natural(row)) for row in rho])
+        vals += list(nat.T)
+    names.append("sigma")
+    vals.append(np.sqrt(sigma2))
+    names += ["(Intercept)" if n == "Intercept" else str(n) for n in res.model.exog_names]
+    vals += list(beta.T)
+    return names, np.column_stack(vals)
 
 
 class BootstrapResults:
@@ -104,29 +198,25 @@ class BootstrapResults:
     Attributes
     ----------
     replicates : pandas.DataFrame
-        One row per replicate: the fixed effects, lme4's ``sd_…|group`` /
-        ``cor_…|group`` / ``sigma`` columns, ``llf`` and ``converged``.
+        One row per replicate: lme4's ``sd_…|group`` / ``cor_…|group`` columns, the
+        residual-structure parameters (natural scale), ``sigma``, the fixed effects,
+        ``llf`` and ``converged`` (:func:`lme4_scale`).
     estimate : pandas.Series
         The original fit's values of the same parameters.
     n, n_failed : replicates drawn, and those whose refit did not converge (left out
         of the intervals).
     """
 
-    def __init__(self, res: MixedLMResults, out: _BootOut, seed: Any) -> None:
-        from .profile import lme4_params
-
-        st = res.model.structure
-        theta = np.stack([normalize_theta(t, st) for t in np.asarray(out.theta)])
-        beta, sigma2 = np.asarray(out.beta), np.asarray(out.sigma2)
-        names, values = lme4_params(res.model, theta, beta, sigma2)
+    def __init__(self, res: MixedLMResults, out: BootOut, seed: Any) -> None:
+        fm = res.fitted
+        names, values = lme4_scale(res, np.asarray(out.theta), np.asarray(out.beta), np.asarray(out.sigma2))
         df = pd.DataFrame(values, columns=names)
-        llf = -0.5 * np.asarray(out.deviance)
+        llf = -0.5 * np.asarray(out.deviance, float)
         df["llf"] = llf
         df["converged"] = (np.asarray(out.result) <= Result.NO_PROGRESS) & np.isfinite(llf)
         self.replicates = df
         self.names = names
-        _, est = lme4_params(res.model, res.theta[None, :], res.fe_params.to_numpy()[None, :],
-                             np.array([res.scale]))
+        _, est = lme4_scale(res, fm.theta_full[None, :], np.asarray(fm.beta)[None, :], np.array([fm.sigma2]))
         self.estimate = pd.Series(est[0], index=names)
         self.n = len(df)
         self.n_failed = int((~df["converged"]).sum())
@@ -153,18 +243,35 @@ class BootstrapResults:
 
 def bootstrap(res: MixedLMResults, n: int = 1000, seed: Any = 0, maxiter: int = 200, gtol: float = 1e-6,
               em_iter: int = 10, fast_compile: bool = True) -> BootstrapResults:
-    """See :meth:`mixedjax.MixedLMResults.bootstrap`."""
-    _check(res)
-    m = res.model
-    st = m.structure
-    theta = np.asarray(res.theta, dtype=float)
+    """Parametric bootstrap of a fit: ``n`` simulated responses, all refitted in one jitted, vmapped call.
+
+    See :meth:`mixedjax.MixedLMResults.bootstrap`.  Every replicate is refitted by the
+    fit's criterion with the backend's pure-JAX optimiser (per-group models: EM warm
+    start, at most ``em_iter`` steps, then BFGS; crossed models: BFGS on the autodiff
+    gradient), starting at the estimate, to ``gtol`` on the largest gradient entry.
+    ``fast_compile`` compiles at XLA's optimisation level 0 (less compile time, slower
+    refits).
+
+    Examples
+    --------
+    >>> import mixedjax
+    >>> d = mixedjax.datasets.load("orthodont")
+    >>> r = mixedjax.mixedlm("distance ~ age + Sex", d, groups="Subject", residual=mixedjax.VarIdent("Sex")).fit()
+    >>> b = bootstrap(r, n=8, seed=0)
+    >>> list(b.replicates.columns[:3]), b.n_failed
+    (['sd_(Intercept)|Subject', 'sd ratio Female', 'sigma'], 0)
+    """
+    if int(n) < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    fm = res.fitted
+    backend = fm.backend
+    theta = np.asarray(fm.theta_full, float)
     # start each refit at the estimate; a diagonal entry on the boundary (0) is a stationary point of the
     # deviance in θ (it is even in that entry), so it would never move: start it away from 0
     theta0 = theta.copy()
-    diag = st.diagonal_theta()
+    diag = np.concatenate([tm.diagonal_theta(backend.terms), np.zeros(backend.n_rho, bool)])
     theta0[diag] = np.maximum(np.abs(theta0[diag]), 0.1)
     run = _bootstrap_fast_compile if fast_compile else _bootstrap
-    out = run(_key(seed), jnp.asarray(theta), jnp.asarray(res.fe_params.to_numpy()), jnp.asarray(res.scale),
-                     jnp.asarray(theta0), m._padded, m._zmask, st, jnp.asarray(res.reml), int(n), int(maxiter),
-                     float(gtol), int(em_iter))
+    out = run(_key(seed), jnp.asarray(theta), jnp.asarray(fm.beta), jnp.asarray(fm.sigma2), jnp.asarray(theta0),
+              fm.data, backend, jnp.asarray(bool(fm.reml)), int(n), int(maxiter), float(gtol), int(em_iter))
     return BootstrapResults(res, jax.device_get(out), seed)
