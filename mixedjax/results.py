@@ -372,11 +372,18 @@ class MixedLMResults(InferenceMixin):
             return self._per_group(covariance=False)
         modes, _ = self.conditional
         out: dict[str, pd.DataFrame] = {}
-        for info, b in zip(self.model.term_info, modes, strict=True):
+        for k in self._display_order():
+            info, b = self.model.term_info[k], modes[k]
             df = pd.DataFrame(b, index=list(info.levels), columns=list(info.names))
-            out[info.label] = df if info.label not in out else out[info.label].join(df, how="outer",
-                                                                                    rsuffix=".1")
+            out[info.factor] = df if info.factor not in out else out[info.factor].join(df, how="outer")
         return out
+
+    def _display_order(self) -> list[int]:
+        """Terms in lme4's order for lmer models (more levels first, stably); the model's order otherwise."""
+        infos = self.model.term_info
+        if self.model.api != "lme4":
+            return list(range(len(infos)))
+        return sorted(range(len(infos)), key=lambda k: -infos[k].n_levels)
 
     @property
     def random_effects_cov(self) -> dict:
@@ -411,7 +418,8 @@ class MixedLMResults(InferenceMixin):
         covariances (``sdcor`` is then the correlation); the residual last.
         """
         rows = []
-        for info, cov, lab in zip(self.model.term_info, self.term_covs, self.term_labels, strict=True):
+        for k in self._display_order():
+            info, cov, lab = self.model.term_info[k], self.term_covs[k], self.term_labels[k]
             group = info.source if (self.model.api == "statsmodels" and info.source) else lab
             sd = np.sqrt(np.clip(np.diag(cov), 0, None))
             for i, n in enumerate(info.names):
@@ -426,12 +434,14 @@ class MixedLMResults(InferenceMixin):
     @property
     def cov_terms(self) -> dict[str, pd.DataFrame]:
         """Covariance matrix of each term's random effects (natural scale), by term label."""
-        return {lab: pd.DataFrame(c, index=list(t.names), columns=list(t.names))
-                for lab, t, c in zip(self.term_labels, self.model.term_info, self.term_covs, strict=True)}
+        infos = self.model.term_info
+        return {self.term_labels[k]: pd.DataFrame(self.term_covs[k], index=list(infos[k].names),
+                                                  columns=list(infos[k].names)) for k in self._display_order()}
 
     def _terms_text(self) -> str:
         lines = ["Random effects (one block per term):"]
-        for lab, t, cov in zip(self.term_labels, self.model.term_info, self.term_covs, strict=True):
+        for k in self._display_order():
+            lab, t, cov = self.term_labels[k], self.model.term_info[k], self.term_covs[k]
             lines.append(f"  {lab}  {t.source}  ({t.n_levels} levels)".rstrip())
             sd = np.sqrt(np.clip(np.diag(cov), 0, None))
             lines.append(f"    {'':<20}{'Variance':>12}{'Std.Dev.':>12}  Corr")

@@ -13,7 +13,7 @@ Examples
 --------
 >>> import numpy as np
 >>> terms = (TermSpec(2), TermSpec(1))
->>> n_theta(terms), list(diagonal_theta(terms))
+>>> n_theta(terms), diagonal_theta(terms).tolist()
 (4, [True, False, True, True])
 >>> normalize_theta(np.array([-1.0, 0.5, 2.0, -3.0]), terms).tolist()
 [1.0, -0.5, 2.0, 3.0]
