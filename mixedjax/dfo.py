@@ -50,8 +50,8 @@ def trust_step(g: np.ndarray, h: np.ndarray, delta: float) -> np.ndarray:
 
 
 def _stencil(x: np.ndarray, d: np.ndarray, wide: np.ndarray) -> list[np.ndarray]:
-    """``x ± dᵢeᵢ`` (``2n`` points), ``x + dᵢeᵢ + dⱼeⱼ`` (``i < j``), then ``x ± 2dᵢeᵢ`` where ``wide``: a gradient
-    and a full Hessian (:func:`_measure`)."""
+    """The points of one measurement (:func:`_measure`): ``x ± dᵢeᵢ``, ``x + dᵢeᵢ + dⱼeⱼ`` for ``i < j``, then
+    ``x ± 2dᵢeᵢ`` where ``wide``."""
     n = x.size
     eye = np.eye(n) * d
     pts = [x + e for e in eye] + [x - e for e in eye]
@@ -217,10 +217,13 @@ def minimize_dfo(fmap: Any, x0: np.ndarray, step0: float = 0.1, ftol: float = 1e
 
     mask = np.zeros(n, bool) if snap is None else np.asarray(snap, bool)
 
-    def wide_at(x: np.ndarray) -> np.ndarray:
-        """Coordinates for five-point differences: those marked in ``snap`` near 0, where an objective even in
-        them has ``f‴ ~ 3f″/|x|`` (a small variance: its curvature is small and its third derivative is not)."""
-        return mask & (np.abs(x) < 1.0)
+    def wide_at(x: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Coordinates for five-point differences, and the steps: those marked in ``snap`` near 0, where an
+        objective even in them has ``f‴ ~ 3f″/|x|`` (a small variance: its curvature is small and its third
+        derivative is not).  Their error is ``O(d⁴)``, so their step grows (to 1% of ``|x|``, at most 1e-3)
+        to cut the rounding error, which dominates there."""
+        wide = mask & (np.abs(x) < 1.0)
+        return wide, np.where(wide, np.maximum(d, np.minimum(1e-3, 0.01 * np.abs(x))), d)
 
     def steps(h: np.ndarray, f: float) -> tuple[np.ndarray, float]:
         """Difference steps balancing rounding (``ε/d``) and truncation (``d² f‴/6``, ``f‴ ~ Hᵢᵢ``), and ``ε``."""
@@ -230,31 +233,33 @@ def minimize_dfo(fmap: Any, x0: np.ndarray, step0: float = 0.1, ftol: float = 1e
 
     d, eps = steps(h, f)
     measured = False  # g, h measured at x (else the search's)
+    fine, all_wide, d_fine = False, np.ones(n, bool), d
     # the search's last step, its value and the first measurement in one batch
     s = s if pred > 0 else None
     while True:
         if s is not None:
-            wide = wide_at(x + s)
+            wide, dw = (all_wide, d_fine) if fine else wide_at(x + s, d)
             if nf + 1 + size_of(wide) > maxfev:
                 return done(x, f, g, Result.MAX_ITER)
-            trial = values([x + s] + _stencil(x + s, d, wide))
+            trial = values([x + s] + _stencil(x + s, dw, wide))
             nf, pit = nf + trial.size, pit + 1
-            if trial[0] < f:
+            if trial[0] < f or (fine and trial[0] - f <= max(pred, 1000.0 * eps)):
                 x, f, measured = x + s, float(trial[0]), True
                 delta = max(delta, 2.0 * np.linalg.norm(s))
-                g, h = _measure(f, trial[1:], d, wide)
+                g, h = _measure(f, trial[1:], dw, wide)
+                d_meas, wide_meas = dw, wide
             else:
                 delta = 0.5 * np.linalg.norm(s)
                 if delta < 1e-10:
                     return done(x, f, g, Result.LINE_SEARCH_FAILED)
         if not measured:
-            wide = wide_at(x)
+            wide, dw = wide_at(x, d)
             if nf + size_of(wide) > maxfev:
                 return done(x, f, g, Result.MAX_ITER)
-            vals = values(_stencil(x, d, wide))
+            vals = values(_stencil(x, dw, wide))
             nf += vals.size
-            g, h = _measure(f, vals, d, wide)
-            measured = True
+            g, h = _measure(f, vals, dw, wide)
+            measured, d_meas, wide_meas = True, dw, wide
         if not (np.all(np.isfinite(g)) and np.all(np.isfinite(h))):
             return done(x, f, g, Result.LINE_SEARCH_FAILED)
         d, eps = steps(h, f)
@@ -263,6 +268,19 @@ def minimize_dfo(fmap: Any, x0: np.ndarray, step0: float = 0.1, ftol: float = 1e
         hm = _modified(h, g_noise / xtol)
         s = -np.linalg.solve(hm, g)
         pred = -(g @ s + 0.5 * s @ hm @ s)
+        if (np.abs(s).max() <= xtol or pred <= eps) and not fine and not wide_meas.all():
+            # the error the last step would keep: the gradient's (rounding over the step, and truncation
+            # d² f‴/6 with f‴ ~ Hᵢᵢ, where central) and the Hessian's times the step (rounding 4ε/dᵢdⱼ,
+            # truncation dᵢ f‴ off the diagonal), through the inverse Hessian, which a flat direction amplifies
+            cd = np.sqrt(np.abs(np.outer(np.diag(h), np.diag(h))))
+            err_g = eps / d_meas + np.where(wide_meas, 0.0, d_meas**2 * np.abs(np.diag(h)) / 6.0)
+            err_h = 4.0 * eps / np.outer(d_meas, d_meas) + 0.5 * np.add.outer(d_meas, d_meas) * cd * (1.0 - np.eye(n))
+            err_x = np.abs(np.linalg.inv(hm)) @ (err_g + err_h @ np.abs(s))
+            scale = np.where(mask, np.maximum(np.minimum(np.abs(x), 1.0), 1e-2), np.maximum(np.abs(x), 1.0))
+            if np.any(err_x > 1e-7 * scale):
+                # a fourth-order measurement with steps 1e-3 (1% of |x| for marked coordinates near 0) at x + s
+                fine, d_fine = True, np.where(wide_at(x, d)[0], wide_at(x, d)[1], np.maximum(d, 1e-3))
+                continue
         if np.abs(s).max() <= xtol or pred <= eps:
             # the last step: within xtol the quadratic model is exact to well below the tolerance; an increase
             # beyond its prediction and the noise would mean the measurement itself failed
