@@ -18,6 +18,10 @@ Model: ``y ~ service + (1 | s) + (1 | d) + (1 | dept:service)``, REML, lme4's de
   optimised BLAS (``libopenblas0-pthread``): with the reference BLAS lme4 is about 4x slower.
   Skipped (with a note) when ``Rscript`` or lme4 is absent.
 
+* **precision**: both fits' distance from the polished lme4 reference
+  (``tests/reference/insteval_reml.json``: tight BOBYQA, then a Newton polish of θ): logLik
+  (absolute), fixed effects and variances (relative), as ``refcheck.py`` measures them.
+
 Both run one after the other on the same machine in one run of this script; the machine's load
 average is printed, because other processes on the machine slow both down.  Prints a markdown table.
 """
@@ -35,8 +39,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
+
+import numpy as np
 
 FORMULA = "y ~ service + (1 | s) + (1 | d) + (1 | dept:service)"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference" / "insteval_reml.json"
 
 R_SCRIPT = textwrap.dedent("""
     suppressMessages(library(lme4))
@@ -48,10 +56,12 @@ R_SCRIPT = textwrap.dedent("""
       times <- c(times, t)
     }
     si <- sessionInfo()
-    cat(sprintf('{"first": %.6f, "times": [%s], "llf": %.10f, "lme4": "%s", "R": "%s", "blas": "%s", "feval": %d}\\n',
+    cat(sprintf(paste0('{"first": %.6f, "times": [%s], "llf": %.17g, "lme4": "%s", "R": "%s", "blas": "%s", ',
+                       '"feval": %d, "fe": [%s], "vcov": [%s]}\\n'),
         times[1], paste(sprintf("%.6f", times[-1]), collapse = ", "), as.numeric(logLik(fit)),
         as.character(packageVersion("lme4")), paste(R.version$major, R.version$minor, sep = "."),
-        si$BLAS, as.integer(fit@optinfo$feval)))
+        si$BLAS, as.integer(fit@optinfo$feval), paste(sprintf("%.17g", fixef(fit)), collapse = ", "),
+        paste(sprintf("%.17g", as.data.frame(VarCorr(fit))$vcov), collapse = ", ")))
 """).replace("FORMULA", FORMULA)
 
 
@@ -86,9 +96,19 @@ def _mixedjax(repeats: int) -> dict:
         mixedjax.lmer(FORMULA, data)
         times.append(time.perf_counter() - t)
     return {"first": first, "times": times, "llf": res.llf, "converged": res.converged,
-            "iterations": res.optim.iterations, "evaluations": res.optim.evaluations,
-            "import_s": t_import, "jax": jax.__version__, "compile_s": compile_s,
-            "varcorr": res.varcorr()[["group", "vcov"]].values.tolist()}
+            "iterations": res.optim.iterations, "polish": res.optim.polish_iterations,
+            "evaluations": res.optim.evaluations, "import_s": t_import, "jax": jax.__version__,
+            "compile_s": compile_s, "fe": res.fe_params.tolist(), "vcov": res.varcorr().vcov.tolist()}
+
+
+def _precision(fit: dict, ref: dict) -> str:
+    """Distance of a fit from the polished lme4 reference: logLik (absolute), fixed effects and variances
+    (relative; refcheck.py's measures)."""
+    fe_ref = np.array(ref["fixed_effects"]["estimate"])
+    v_ref = np.array([t["variances"][0] for t in ref["random_effects"]] + [ref["residual_variance"]])
+    fe = np.abs(np.array(fit["fe"]) - fe_ref) / np.maximum(np.abs(fe_ref), 1e-6 * np.abs(fe_ref).max())
+    var = np.abs(np.array(fit["vcov"]) - v_ref) / v_ref
+    return f"logLik {abs(fit['llf'] - ref['logLik']):.1e}, fixed effects {fe.max():.1e}, variances {var.max():.1e}"
 
 
 def _lme4(repeats: int) -> dict | None:
@@ -125,8 +145,8 @@ def main() -> None:
     print("| engine | first fit (s) | repeat, median (s) | logLik | notes |")
     print("|---|---:|---:|---:|---|")
     print(f"| mixedjax `lmer` | {mj['first']:.2f} | {statistics.median(mj['times']):.2f} | {mj['llf']:.6f} | "
-          f"compile included in the first fit; {mj['evaluations']} deviance evaluations (derivative-free, "
-          f"{mj['iterations']} Newton steps); converged {mj['converged']} |")
+          f"compile included in the first fit; {mj['evaluations']} deviance evaluations (derivative-free: "
+          f"{mj['iterations']} search steps, {mj['polish']} polish batches); converged {mj['converged']} |")
     if "skipped" in r:
         print(f"| lme4 | — | — | — | skipped: {r['skipped']} |")
     else:
@@ -135,6 +155,11 @@ def main() -> None:
         print()
         print(f"Ratio lme4 / mixedjax: first fit {r['first'] / mj['first']:.2f}x, "
               f"repeat {statistics.median(r['times']) / statistics.median(mj['times']):.2f}x.")
+    if REFERENCE.exists():
+        ref = json.loads(REFERENCE.read_text())["results"]["lme4"]
+        print()
+        print(f"Distance from the polished lme4 reference ({REFERENCE.name}): mixedjax {_precision(mj, ref)}"
+              + ("" if "skipped" in r else f"; lme4 with default settings {_precision(r, ref)}") + ".")
     c = mj["compile_s"]
     print()
     print(f"mixedjax first fit: tracing {c['trace']:.2f} s, lowering {c['lower']:.2f} s, XLA compilation "

@@ -606,7 +606,7 @@ class CrossedBackend:
         """
         theta0 = np.asarray(theta0, float)
         diag = tm.diagonal_theta(self.terms)
-        c = np.where(diag, np.ones_like(theta0) if scales is None else scales, 1.0)
+        c = np.where(diag, self._theta_scales(data) if scales is None else scales, 1.0)
 
         def to_theta(phi):
             return np.where(diag, c * np.sinh(phi), phi)
@@ -625,6 +625,18 @@ class CrossedBackend:
                                snap_tol=np.arcsinh(SNAP_TOL / c))
         grad = sol.grad / np.where(diag, c * np.cosh(sol.x), 1.0)  # chain rule back to θ
         return sol._replace(x=to_theta(sol.x), grad=grad, x_start=theta0, grad_norm=float(np.abs(grad).max()))
+
+    def _theta_scales(self, data: CrossedModelData) -> np.ndarray:
+        """:func:`mixedjax.crossed_data.theta_scales` from the backend's data (refits pass no ``scales``):
+        ``√(levels / Σ w z²)`` of each diagonal entry's column, 1 elsewhere."""
+        w = np.asarray(data.sw) ** 2
+        out = []
+        for z, lv in zip(data.zs, self.structure.levels, strict=True):
+            z = np.asarray(z)
+            ssq = (z**2 * w[:, None]).sum(axis=0)
+            r, c = np.tril_indices(z.shape[1])
+            out.append(np.where(r == c, np.sqrt(lv / np.maximum(ssq[r], 1e-300)), 1.0))
+        return np.concatenate(out)
 
     def minimize_jax(self, theta0: Array, data: CrossedModelData, reml: bool | Array, maxiter: int = 200,
                      gtol: float = 1e-6, em_iter: int = 0) -> Solution:
