@@ -91,7 +91,7 @@ def _modified(h: np.ndarray, floor: float) -> np.ndarray:
     return (q * np.maximum(lam, floor)) @ q.T
 
 
-def minimize_dfo(fmap: Any, x0: np.ndarray, step0: float = 0.1, ftol: float = 1e-9, maxfev: int = 1000,
+def minimize_dfo(fmap: Any, x0: np.ndarray, step0: float = 0.1, ftol: float = 1e-3, maxfev: int = 1000,
                  fd_step: float = 1e-4, xtol: float = 1e-4, rel_noise: float = REL_NOISE,
                  snap: np.ndarray | None = None, snap_tol: Any = 0.0) -> Solution:
     """Derivative-free trust-region Newton: difference gradients and rank-one curvature, then a Newton polish.
@@ -99,27 +99,31 @@ def minimize_dfo(fmap: Any, x0: np.ndarray, step0: float = 0.1, ftol: float = 1e
     ``fmap(points)`` returns ``f`` at a list of points (it may evaluate them concurrently:
     every batch below is independent).
 
-    1. Central differences at ``x₀ ± h eᵢ`` (``h = step0``, one batch of ``2n``) give the
-       gradient and the diagonal of the Hessian ``H`` at ``x₀``; the off-diagonal curvature
-       is learnt by the updates below.
+    1. ``f(x₀)`` and central differences at ``x₀ ± h eᵢ`` (``h = step0``; one batch of
+       ``2n + 1``) give the gradient and the diagonal of the Hessian ``H`` at ``x₀``; the
+       off-diagonal curvature is learnt by the updates below.
     2. Search: each iteration minimises ``gᵀs + ½ sᵀHs`` over ``‖s‖ ≤ Δ`` and evaluates, in
        one batch, ``f(x + s)`` and ``f(x + s + δeᵢ)``.  If ``f`` decreased, the step is taken
        and the gradient there comes from forward differences with the curvature removed,
        ``gᵢ = (f(x + s + δeᵢ) − f(x + s))/δ − ½ Hᵢᵢ δ`` (``δ = fd_step``); ``H`` then gets a
        symmetric rank-one update from the change of gradient along the step.  ``Δ`` grows
-       or shrinks with the ratio of actual to predicted decrease.  The search ends when the
-       model predicts a decrease below ``ftol``.
-    3. Polish: the forward gradient carries the error of ``Hᵢᵢ`` and the rounding noise
-       ``ε`` of ``f`` (``rel_noise · max(|f|, 1)``) over ``δ``, which limits the search to a
+       or shrinks with the ratio of actual to predicted decrease.  The search hands over to
+       the polish when the model predicts a decrease below ``ftol``.
+    3. Polish: a forward gradient carries the error of ``Hᵢᵢ`` and the rounding noise ``ε``
+       of ``f`` (``rel_noise · max(|f|, 1)``) over ``δ``, which would limit the search to a
        relative precision of about ``√(ftol / H)``.  The polish measures, in one batch of
-       ``n(n + 3)/2`` points, the gradient by central differences and the whole Hessian by
-       second differences, with per-coordinate steps ``dᵢ = (3ε / Hᵢᵢ)^{1/3}`` (rounding
-       and truncation errors balanced), and takes Newton steps on a positive definite
-       model (eigenvalues raised to the level at which the gradient is noise).  A step
-       longer than ``xtol`` in some coordinate is checked (its value and the next
-       measurement in one batch); one within ``xtol`` is the last: its error is the
-       model's (the Hessian's relative error times the step, about 1e-3 · ``xtol``) plus
-       the gradient noise over the curvature, and it is taken after one evaluation.
+       ``n(n + 3)/2`` points (with the value at the search's last step), the gradient by
+       central differences and the whole Hessian by second differences, with per-coordinate
+       steps ``dᵢ = (3ε / Hᵢᵢ)^{1/3}`` (rounding and truncation errors balanced), and takes
+       Newton steps on a positive definite model (eigenvalues raised to the level at which
+       the gradient is noise).  A step longer than ``xtol`` in some coordinate is checked
+       (its value and the next measurement in one batch).  One within ``xtol`` is the last;
+       its error is the model's: the measured gradient's and Hessian's errors (estimated
+       from ``ε``, the steps and ``H``) through the inverse Hessian.  Where that estimate
+       exceeds 1e-7 of a coordinate's scale (a flat direction amplifies them: a nearly
+       singular fit), the point is measured once more with five-point differences at steps
+       of 1e-3, whose rounding error is 20 times smaller and truncation ``O(d⁴)``.  The
+       last step is then taken after one evaluation.
     4. Snap (optional): coordinates marked in ``snap`` with ``|xⱼ| < snap_tol`` (scalar or
        per coordinate) are tried at exactly 0, each alone (one batch) and then those that
        passed together, and kept there unless ``f`` gets worse by more than its noise; their
