@@ -367,4 +367,4 @@ def test_minimiser_result_codes():
     r = minimize_dfo(lambda pts: [float(p @ p) if np.abs(p - x0).max() <= 0.15 else np.inf for p in pts], x0,
                      maxfev=2000)
     assert Result(r.result) == Result.LINE_SEARCH_FAILED and not r.converged
-    np.testing.assert_allclose(r.x, 0.85, atol=1e-6)  # at the wall
+    np.testing.assert_allclose(r.x, 0.85, atol=1e-5)  # at the wall
