@@ -1,9 +1,8 @@
 """Profile-likelihood intervals (lme4's ``confint(method = "profile")``) and ``profile_re``, on every backend.
 
 * per-group models: the lme4 reference cases (``confint_profile`` in tests/reference/*.json);
-* crossed models: Penicillin (reference), ScotsSec (tests/reference/scotssec_reml.json when present, else
-  tests/reference/profile_scotssec.json from tests/reference/profile_scotssec.R), subjects x items (when its
-  reference has a profile);
+* crossed models: Penicillin, partially crossed ScotsSec and subjects x items with correlated slopes in both
+  factors (references from tests/reference/make_lme4_refs.R);
 * structured residuals (VarIdent, AR(1)): nlme has no profile intervals, so each checked end is verified by
   brute force: the parameter held at the end, the ML deviance minimised over everything else by scipy on
   the backend's natural-scale likelihood (:func:`mixedjax.backends.loglike_natural`), and ζ = ±z there.
@@ -86,24 +85,20 @@ def test_penicillin_crossed_matches_lme4():
     assert _check_against(pr.conf_int, pr.estimate, ref) < 1e-4
 
 
-def _ref_profile(case: str, fallback: str | None = None) -> dict | None:
-    """``confint_profile`` of ``tests/reference/<case>.json`` (the crossed references), else of ``fallback``."""
-    for name in (case, fallback):
-        path = REF / f"{name}.json" if name else None
-        if path is None or not path.exists():
-            continue
-        doc = json.loads(path.read_text())
-        ref = doc.get("results", {}).get("lme4", doc).get("confint_profile")
-        if ref and "parameters" in ref:
-            return ref
-    return None
+def _ref_profile(case: str) -> dict | None:
+    """``confint_profile`` of ``tests/reference/<case>.json`` (tests/reference/make_lme4_refs.R), if it has one."""
+    path = REF / f"{case}.json"
+    if not path.exists():
+        return None
+    ref = json.loads(path.read_text())["results"]["lme4"].get("confint_profile", {})
+    return ref if "parameters" in ref else None
 
 
 def test_scotssec_partially_crossed_matches_lme4():
     """ScotsSec (148 primary x 19 secondary schools, partially crossed; sd of ``second`` reaches 0)."""
-    ref = _ref_profile("scotssec_reml", "profile_scotssec")
+    ref = _ref_profile("scotssec_reml")
     if ref is None:
-        pytest.skip("no lme4 profile reference for ScotsSec (run tests/reference/profile_scotssec.R)")
+        pytest.skip("no lme4 profile reference for ScotsSec (tests/reference/make_lme4_refs.R)")
     res = _fit("scotssec", lambda: mixedjax.lmer("attain ~ verbal * sex + (1 | primary) + (1 | second)",
                                                  mixedjax.datasets.load("scotssec")))
     pr = profile_conf_int(res)
