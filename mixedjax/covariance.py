@@ -147,23 +147,6 @@ def lam_from_theta(theta: Array, structure: CovStructure) -> Array:
     return lam.at[rows, cols].set(theta[src])
 
 
-def normalize_theta(theta: np.ndarray, structure: CovStructure) -> np.ndarray:
-    """Flip column signs of Λ so its diagonal is non-negative (lme4's convention); Λ Λᵀ is unchanged."""
-    theta = np.array(theta, dtype=float)
-    diag = structure.diagonal_theta()
-    if structure.re_diagonal or structure.q_re == 0:
-        theta[diag] = np.abs(theta[diag])
-        return theta
-    lam = np.zeros((structure.q_re, structure.q_re))
-    r, c = structure.re_tril
-    lam[r, c] = theta[: len(r)]
-    sign = np.where(np.diag(lam) < 0, -1.0, 1.0)
-    lam = lam * sign[None, :]
-    theta[: len(r)] = lam[r, c]
-    theta[len(r) :] = np.abs(theta[len(r) :])
-    return theta
-
-
 def theta_to_profile(theta: np.ndarray, structure: CovStructure) -> tuple[np.ndarray, np.ndarray]:
     """``(cov_re / scale, vcomp / scale)`` from ``theta`` (numpy, host side)."""
     theta = np.asarray(theta, dtype=float)

@@ -150,14 +150,9 @@ def objective(theta: Array, data: GroupedData | Any, structure: Any, reml: bool 
 
 
 def _normalize(theta: Array, backend: Any) -> Array:
-    """Flip column signs of each term's factor so its diagonal is non-negative (``T Tᵀ`` unchanged), inside JAX
-    (:func:`mixedjax.terms.normalize_theta` on traced values); ρ unchanged."""
+    """:func:`mixedjax.terms.normalize_theta` of the random-effects part (traced); ρ unchanged."""
     n = backend.n_theta
-    parts = []
-    for f, t in zip(tm.factors(theta[:n], backend.terms), backend.terms, strict=True):
-        f = f * jnp.where(jnp.diagonal(f) < 0, -1.0, 1.0)[None, :]
-        parts.append(f[t.positions()])
-    return jnp.concatenate(parts + [theta[n:]])
+    return jnp.concatenate([tm.normalize_theta(theta[:n], backend.terms), theta[n:]])
 
 
 def _boundary(theta: Array, backend: Any) -> Array:

@@ -21,8 +21,9 @@ Examples
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -95,12 +96,18 @@ def theta_from_factors(fs: list[np.ndarray], terms: tuple[TermSpec, ...]) -> np.
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def normalize_theta(theta: np.ndarray, terms: tuple[TermSpec, ...]) -> np.ndarray:
+def normalize_theta(theta: Any, terms: tuple[TermSpec, ...]) -> Any:
     """Flip column signs of each ``T_k`` so its diagonal is non-negative (lme4's convention); ``T Tᵀ`` unchanged.
 
     The one sign normalisation of mixedjax: the deviance is invariant to these flips,
-    so an optimiser may end on either sign.
+    so an optimiser may end on either sign.  Numpy in, numpy out; a JAX array (traced
+    too, e.g. inside :func:`mixedjax.functional.fit`) gives a JAX array.
     """
+    if isinstance(theta, jax.Array):
+        parts = []
+        for f, t in zip(factors(theta, terms), terms, strict=True):
+            parts.append((f * jnp.where(jnp.diagonal(f) < 0, -1.0, 1.0)[None, :])[t.positions()])
+        return jnp.concatenate(parts) if parts else theta
     fs = factors_np(theta, terms)
     return theta_from_factors([f * np.where(np.diag(f) < 0, -1.0, 1.0)[None, :] for f in fs], terms)
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 import mixedjax
-from mixedjax.data import cross_products
 from mixedjax.backends import fit_grouped as fit_theta
 from mixedjax.backends import fit_grouped_single
+from mixedjax.data import cross_products
 
 
 @pytest.fixture(scope="module")
