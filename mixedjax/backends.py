@@ -66,17 +66,17 @@ from .crossed_likelihood import normal_ts, row_effects
 from .data import CrossProducts, GroupedData, cross_products
 from .dfo import minimize_dfo
 from .likelihood import (
-    LOG_2PI,
     Normal,
     Profiled,
     deviance_and_grad,
+    deviance_given,
     em_update,
     normal_equations,
     profile,
     profile_normal,
     solve_groups,
 )
-from .linalg import cholesky, logdet_from_cholesky, solve_lower, solve_upper_t, spd_inverse
+from .linalg import solve_lower, solve_upper_t, spd_inverse
 from .optimize import Result, Solution, minimize, minimize_many
 from .residuals import ResidualSpec, whitened_cross_products
 
@@ -108,30 +108,6 @@ def profiled(backend: Any, theta: Array, data: Any, reml: bool | Array) -> Profi
 def deviance(backend: Any, theta: Array, data: Any, reml: bool | Array) -> Array:
     """The profiled deviance at ``concat(θ, ρ)``: what every fit minimises."""
     return profiled(backend, theta, data, reml).deviance
-
-
-def deviance_given(ne: Normal, nobs: Array, beta: Array | None, sigma2: Array | None,
-                   reml: bool | Array) -> Array:
-    """−2ℓ from the summed GLS pieces with β and/or σ² given instead of profiled (``None``: profiled).
-
-    ML: ``log|V| + n log(2πσ²) + r²(β)/σ²``.  REML (β integrated out; a given β enters
-    through ``r²(β)`` only, as statsmodels' non-profiled REML):
-    ``log|V| + log|A| + (n−p) log(2πσ²) + r²(β)/σ²``.
-    """
-    p = ne.a.shape[0]
-    chol_a = cholesky(ne.a)
-    if beta is None:
-        u = solve_lower(chol_a, ne.b)
-        r2 = ne.yy - jnp.dot(u, u)
-    else:
-        r2 = ne.yy - 2.0 * jnp.dot(ne.b, beta) + beta @ ne.a @ beta
-    is_reml = jnp.asarray(reml, dtype=r2.dtype)
-    df = nobs - p * is_reml
-    if sigma2 is None:
-        dev = ne.logdet_v + df * (1.0 + LOG_2PI + jnp.log(r2 / df))
-    else:
-        dev = ne.logdet_v + df * (LOG_2PI + jnp.log(sigma2)) + r2 / sigma2
-    return dev + is_reml * logdet_from_cholesky(chol_a)
 
 
 def natural_size(backend: Any) -> int:

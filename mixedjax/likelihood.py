@@ -220,17 +220,15 @@ def deviance_and_grad(
     return pr.deviance, grad
 
 
-def deviance_at(
-    lam: Array, beta: Array | None, sigma2: Array | None, cp: CrossProducts, reml: bool | Array
-) -> Array:
-    """−2ℓ with β and/or σ² given instead of profiled (``None``: profiled at that step).
+def deviance_given(ne: Normal, nobs: Array, beta: Array | None, sigma2: Array | None,
+                   reml: bool | Array) -> Array:
+    """−2ℓ from summed GLS pieces with β and/or σ² given instead of profiled (``None``: profiled).
 
-    ML: ``log|V| + n log(2πσ²) + r²(β)/σ²``.  REML (β integrated out, so ``beta``
-    only enters through r²(β), as statsmodels' non-profiled REML does):
-    ``log|V| + log|A| + (n−p) log(2πσ²) + r²(β)/σ²``.
+    ML: ``log|V| + n log(2πσ²) + r²(β)/σ²``.  REML (β integrated out; a given β enters
+    through ``r²(β)`` only, as statsmodels' non-profiled REML):
+    ``log|V| + log|A| + (n−p) log(2πσ²) + r²(β)/σ²``.  With both profiled it is
+    :func:`profile_normal`'s deviance: the one copy of this algebra for every backend.
     """
-    gs = solve_groups(lam, cp)
-    ne = normal_equations(gs, cp)
     p = ne.a.shape[0]
     chol_a = cholesky(ne.a)
     if beta is None:
@@ -239,13 +237,16 @@ def deviance_at(
     else:
         r2 = ne.yy - 2.0 * jnp.dot(ne.b, beta) + beta @ ne.a @ beta
     is_reml = jnp.asarray(reml, dtype=r2.dtype)
-    df = cp.nobs - p * is_reml
-    if sigma2 is None:
-        s2 = r2 / df
-        dev = ne.logdet_v + df * (1.0 + LOG_2PI + jnp.log(s2))
-    else:
-        dev = ne.logdet_v + df * (LOG_2PI + jnp.log(sigma2)) + r2 / sigma2
-    return dev + is_reml * logdet_from_cholesky(chol_a)
+    df = nobs - p * is_reml
+    s2 = r2 / df if sigma2 is None else sigma2
+    return ne.logdet_v + df * (LOG_2PI + jnp.log(s2)) + r2 / s2 + is_reml * logdet_from_cholesky(chol_a)
+
+
+def deviance_at(
+    lam: Array, beta: Array | None, sigma2: Array | None, cp: CrossProducts, reml: bool | Array
+) -> Array:
+    """:func:`deviance_given` at the per-group relative factor Λ."""
+    return deviance_given(normal_equations(solve_groups(lam, cp), cp), cp.nobs, beta, sigma2, reml)
 
 
 def loglike_packed(
