@@ -472,7 +472,7 @@ class CrossedModelData(NamedTuple):
     zs: tuple
 
 
-def _single_threaded_lapack() -> threadpool_limits:
+def single_threaded_blas() -> threadpool_limits:
     """Run jaxlib's LAPACK calls (scipy's OpenBLAS) on one thread while XLA uses the cores.
 
     jaxlib calls LAPACK through scipy's bundled OpenBLAS, whose worker threads spin while
@@ -594,7 +594,7 @@ class CrossedBackend:
         def fun(phi):
             return float(program(to_theta(phi), data, reml_arr).deviance)
 
-        with _single_threaded_lapack(), \
+        with single_threaded_blas(), \
                 ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 2 * theta0.size))) as pool:
             sol = minimize_dfo(lambda pts: list(pool.map(fun, pts)), np.where(diag, np.arcsinh(theta0 / c), theta0),
                                0.1, float(ftol), int(maxiter), xtol=float(xtol), snap=diag,

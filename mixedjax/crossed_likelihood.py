@@ -46,12 +46,13 @@ from jax import Array
 from .crossed_data import CrossedData, CrossedStructure
 from .likelihood import Normal, Profiled, profile_normal
 from .linalg import cholesky, logdet_from_cholesky, solve_lower, solve_upper_t
+from .terms import theta_slices
 
 
 def term_factors(theta: Array, st: CrossedStructure) -> list[Array]:
     """Lower-triangular ``T_k (q_k, q_k)`` of each term from θ (row-major lower triangles)."""
     out = []
-    for q, sl in zip(st.qs, st.theta_slices(), strict=True):
+    for q, sl in zip(st.qs, theta_slices(st.terms), strict=True):
         r, c = np.tril_indices(q)
         out.append(jnp.zeros((q, q), theta.dtype).at[r, c].set(theta[sl]))
     return out

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import terms as tm
-from .backends import SNAP_TOL, deviance, profiled_jit
+from .backends import SNAP_TOL, deviance, profiled_jit, single_threaded_blas
 from .optimize import Result, Solution, minimize
 
 
@@ -86,8 +86,9 @@ def estimates(backend: Any, data: Any, theta_full: np.ndarray, reml: bool, solut
     theta_full = np.asarray(theta_full, float)
     theta = tm.normalize_theta(theta_full[: backend.n_theta], backend.terms)
     rho = theta_full[backend.n_theta :]
-    pr = jax.device_get(profiled_jit(backend, jnp.asarray(np.concatenate([theta, rho])), data,
-                                     np.asarray(bool(reml))))
+    with single_threaded_blas():  # OpenBLAS's spinning threads beside XLA's pool: 0.6 s instead of 0.03 s
+        pr = jax.device_get(profiled_jit(backend, jnp.asarray(np.concatenate([theta, rho])), data,
+                                         np.asarray(bool(reml))))
     sigma2 = float(pr.sigma2)
     a = np.asarray(pr.normal.a, float)
     try:

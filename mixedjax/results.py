@@ -180,7 +180,7 @@ class MixedLMResults(InferenceMixin):
         result = Result(int(sol.result))
         message = result.message
         if backend.kind == "crossed" and result == Result.CONVERGED:
-            message = "converged: predicted decrease of the deviance below ftol (derivative-free)"
+            message = "converged: the Newton step on the measured gradient and Hessian is below xtol (derivative-free)"
         self.optim = OptimSummary(
             theta_start=np.asarray(sol.x_start), theta=fitted.theta_full, deviance_start=float(sol.value_start),
             deviance=float(sol.value), iterations=int(sol.iterations), em_iterations=int(sol.warm_iterations),
