@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import pathlib
 import warnings
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -74,3 +76,12 @@ def simulate_rs(rng: np.random.Generator, n_groups: int = 18, n_per: int = 10) -
     b1 = rng.normal(0, 6, n_groups)
     y = 250 + 10 * x + b0[g] + b1[g] * x + rng.normal(0, 25, g.size)
     return pd.DataFrame({"y": y, "x": x, "g": g.astype(str)})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: a long suite in one process otherwise keeps
+    every program it ever compiled (gigabytes by the end)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
