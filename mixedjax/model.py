@@ -203,7 +203,8 @@ class LinearMixedModel:
             Per-group models: maximum EM warm-start iterations (0 disables the warm start).
         **options
             Crossed models: ``ftol``, the predicted decrease of the deviance at which the
-            derivative-free search stops (default 1e-9).
+            derivative-free search hands over to its Newton polish, and ``xtol``, the Newton step
+            below which the polish stops (see ``CrossedLM.default_options`` and :mod:`mixedjax.dfo`).
 
         Returns
         -------
