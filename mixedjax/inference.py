@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from .bootstrap import bootstrap, simulate
 from .ddf import kenward_roger, satterthwaite
+from .distributions import stats
 from .fit import refit
 from .predict import condvar_frame, predict
 from .profile import profile_conf_int, profile_re

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from formulaic.errors import DataMismatchWarning
-from scipy import stats
 
 from . import formula as fml
+from .distributions import stats
 
 if TYPE_CHECKING:
     from .results import MixedLMResults

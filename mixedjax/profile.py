@@ -53,11 +53,11 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from jax import Array
-from scipy import stats
 from threadpoolctl import threadpool_limits
 
 from . import terms as tm
 from .backends import FAST_COMPILE, SINGLE_FIT, deviance_given
+from .distributions import stats
 from .fit import FittedModel, refit
 from .likelihood import profile_normal
 from .linalg import solve_lower
@@ -356,8 +356,8 @@ def ml_fit(res: MixedLMResults) -> FittedModel:
     return refit(res.fitted, reml=False, what="ML refit for the profile")
 
 
-def profile_conf_int(res: MixedLMResults, alpha: float = 0.05, tol: float = 1e-5, max_iter: int = 40
-                     ) -> ProfileResult:
+def profile_conf_int(res: MixedLMResults, alpha: float = 0.05, tol: float = 1e-5, max_iter: int = 40,
+                     params: list[str] | None = None) -> ProfileResult:
     """lme4's profile confidence intervals, ``confint(fit, method = "profile")`` (see the module docstring).
 
     Parameters
@@ -371,6 +371,9 @@ def profile_conf_int(res: MixedLMResults, alpha: float = 0.05, tol: float = 1e-5
         about 1e-6, so ζ to about 1e-6 at an end), or its bracket is narrower than 1e-9 of the estimate.
     max_iter : int
         Secant steps (each one vmapped evaluation of every unfinished end).
+    params : list of str, optional
+        Profile only these rows (lme4's names, :func:`lme4_parameters`; ``"Intercept"`` is
+        accepted for ``"(Intercept)"``); default all.
 
     Returns
     -------
@@ -394,9 +397,29 @@ def profile_conf_int(res: MixedLMResults, alpha: float = 0.05, tol: float = 1e-5
     (Intercept)                   237.681  265.130
     Days                            7.359   13.576
     """
-    fm = ml_fit(res)
+    return profile_intervals(ml_fit(res), select_parameters(lme4_parameters(res), params), alpha, tol, max_iter)
+
+
+def select_parameters(pars: list[Parameter], names: list[str] | None) -> list[Parameter]:
+    """The entries of ``pars`` named in ``names`` (in ``pars``' order; all for ``None``).
+
+    ``"Intercept"`` names ``"(Intercept)"``; an unknown name raises :class:`ValueError` listing the known ones.
+    """
+    if names is None:
+        return list(pars)
+    names = [names] if isinstance(names, str) else list(names)
+    known = [p.name for p in pars]
+    wanted = {"(Intercept)" if n == "Intercept" else str(n) for n in names}
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise ValueError(f"unknown profile parameter(s) {unknown}; this model has {known}")
+    return [p for p in pars if p.name in wanted]
+
+
+def profile_intervals(fm: FittedModel, pars: list[Parameter], alpha: float = 0.05, tol: float = 1e-5,
+                      max_iter: int = 40) -> ProfileResult:
+    """:func:`profile_conf_int`'s intervals of ``pars`` (:func:`lme4_parameters`) at the ML fit ``fm``."""
     backend = fm.backend
-    pars = lme4_parameters(res)
     est = lme4_estimates(pars, fm)
     dev_hat = float(fm.deviance)
     z = float(stats.norm.ppf(1 - alpha / 2))
@@ -530,6 +553,103 @@ def _initial_steps(fm: FittedModel, pars: list[Parameter], est: np.ndarray, z: f
     return out
 
 
+# ------------------------------------------------------------------------------------------ the profile itself
+class ProfileTrace(NamedTuple):
+    """lme4's ``profile(fit)`` as a table: ζ at values of each profiled parameter, and the intervals.
+
+    ``trace``: a DataFrame with columns ``parameter``, ``value``, ``zeta`` (the parameters in
+    lme4's row order, each one's values increasing; the estimate has ζ = 0 and an interval end
+    that the profile reaches has ζ = ±z); ``conf_int``, ``estimate`` and ``deviance`` as in
+    :class:`ProfileResult`; ``alpha``: the level of the intervals (``1 − alpha``).
+    """
+
+    trace: pd.DataFrame
+    conf_int: pd.DataFrame
+    estimate: pd.Series
+    deviance: float
+    alpha: float
+
+
+def profile_trace(res: MixedLMResults, params: list[str] | None = None, alpha: float = 0.05, points: int = 3,
+                  reach: float = 1.3) -> ProfileTrace:
+    """The profile ζ of each parameter on a grid spanning its interval (lme4's ``as.data.frame(profile(fit))``).
+
+    The intervals come from :func:`profile_conf_int` (the same ML fit and roots).  On each
+    side of the estimate ζ is evaluated at ``points`` values evenly spaced between the
+    estimate and the interval end, and at ``reach`` times the end's distance (``|ζ|`` about
+    ``reach z``; within the parameter's range).  An end on the boundary of the range (an sd
+    of 0, a correlation of ±1) is evaluated too, since ζ there is not ±z.  All values are
+    profiled in vmapped calls of the program that found the intervals.
+
+    Parameters
+    ----------
+    res : MixedLMResults
+        Any fit (REML fits are refitted by ML first, as lme4).
+    params : list of str, optional
+        lme4's names of the rows to profile (:func:`lme4_parameters`); default all.
+    alpha : float
+        ``1 − alpha`` intervals; ``z = z_{1−alpha/2}``.
+    points : int
+        Values strictly between the estimate and each interval end.
+    reach : float
+        How far past an end the last value lies, as a multiple of the end's distance from the estimate.
+
+    Returns
+    -------
+    ProfileTrace
+
+    Examples
+    --------
+    >>> import mixedjax
+    >>> d = mixedjax.datasets.load("dyestuff")
+    >>> r = mixedjax.lmer("Yield ~ 1 + (1 | Batch)", d)
+    >>> pt = profile_trace(r, params=["sigma"])
+    >>> tr = pt.trace
+    >>> list(tr.columns), len(tr), bool(tr.zeta.is_monotonic_increasing)
+    (['parameter', 'value', 'zeta'], 11, True)
+    """
+    fm = ml_fit(res)
+    pars = select_parameters(lme4_parameters(res), params)
+    pr = profile_intervals(fm, pars, alpha)
+    z = float(stats.norm.ppf(1 - alpha / 2))
+    ci, est = pr.conf_int.to_numpy(), pr.estimate.to_numpy()
+    known: list[tuple[int, float, float]] = []  # (parameter, value, ζ) without a profile evaluation
+    todo: list[tuple[int, float]] = []
+    inner = np.linspace(0.0, 1.0, points + 2)[1:-1]
+    for i, p in enumerate(pars):
+        if not np.isfinite(est[i]):
+            continue
+        known.append((i, est[i], 0.0))
+        for side, end in ((-1.0, ci[i, 0]), (1.0, ci[i, 1])):
+            if not np.isfinite(end) or end == est[i]:
+                continue
+            edge = not p.lower < end < p.upper
+            end = float(np.clip(end, p.lower, p.upper))
+            todo += [(i, est[i] + t * (end - est[i])) for t in inner]
+            if edge:
+                todo.append((i, end))
+            else:
+                known.append((i, end, side * z))
+                far = float(np.clip(est[i] + reach * (end - est[i]), p.lower, p.upper))
+                if far != end:
+                    todo.append((i, far))
+    zeta = np.empty(len(todo))
+    width = len(pars) * 2 + (-len(pars) * 2) % LANE_BUCKET  # the intervals' program: compiled already
+    for lo in range(0, len(todo), width):
+        chunk = todo[lo : lo + width]
+        specs = [(pars[i].kind, pars[i].index, pars[i].columns) for i, _ in chunk]
+        u0 = np.stack([_start(fm, *sp) for sp in specs])
+        v = np.array([val for _, val in chunk])
+        _, dev, _, _ = _profile_lanes(u0, specs, v, fm, False)
+        sign = np.sign(v - np.array([est[i] for i, _ in chunk]))
+        zeta[lo : lo + width] = sign * np.sqrt(np.maximum(dev - pr.deviance, 0.0))
+    rows = known + [(i, val, zt) for (i, val), zt in zip(todo, zeta, strict=True) if np.isfinite(zt)]
+    trace = pd.DataFrame({"parameter": [pars[i].name for i, _, _ in rows], "value": [v for _, v, _ in rows],
+                          "zeta": [zt for _, _, zt in rows], "order": [i for i, _, _ in rows]})
+    trace = trace.sort_values(["order", "value"], kind="stable").drop(columns="order").reset_index(drop=True)
+    return ProfileTrace(trace, pr.conf_int, pr.estimate, pr.deviance, float(alpha))
+
+
 # ---------------------------------------------------------------------------------- statsmodels' profile_re
 def profile_re(res: MixedLMResults, re_ix: Any, vtype: str, num_low: int = 5, dist_low: float = 1.0,
                num_high: int = 5, dist_high: float = 1.0) -> np.ndarray:
@@ -599,5 +719,6 @@ def profile_re(res: MixedLMResults, re_ix: Any, vtype: str, num_low: int = 5, di
     return np.column_stack([grid * s2, -0.5 * dev])
 
 
-__all__ = ["COR", "FE", "Lanes", "Parameter", "ProfileResult", "RHO", "SD", "SIGMA", "lme4_estimates",
-           "lme4_parameters", "ml_fit", "profile_conf_int", "profile_re"]
+__all__ = ["COR", "FE", "Lanes", "Parameter", "ProfileResult", "ProfileTrace", "RHO", "SD", "SIGMA",
+           "lme4_estimates", "lme4_parameters", "ml_fit", "profile_conf_int", "profile_intervals", "profile_re",
+           "profile_trace", "select_parameters"]

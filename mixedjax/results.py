@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from .backends import conditional_jit, info_natural_jit, info_natural_sub_jit, natural_from_fit, natural_size
+from .distributions import stats
 from .fit import ConvergenceWarning, FittedModel
 from .inference import InferenceMixin
 from .optimize import Result

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from .distributions import stats
 from .fit import fit_constrained
 
 __all__ = ["anova_terms", "ranova", "term_contrasts"]

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import pathlib
+import tempfile
 import warnings
+
+# The suite's own throw-away compilation cache (mixedjax.cache), never the user's; shared by the suite's
+# pytest processes of one run when CI sets MIXEDJAX_CACHE_DIR.
+os.environ.setdefault("MIXEDJAX_CACHE_DIR", tempfile.mkdtemp(prefix="mixedjax-test-cache-"))
 
 import jax
 import numpy as np

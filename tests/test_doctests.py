@@ -11,7 +11,7 @@ import pytest
 # test_term_tests), lmer / residuals / the crossed modules in test_lmer
 MODULES = ["mixedjax.linalg", "mixedjax.covariance", "mixedjax.terms", "mixedjax.data", "mixedjax.likelihood",
            "mixedjax.optimize", "mixedjax.backends", "mixedjax.fit", "mixedjax.model", "mixedjax.results",
-           "mixedjax.lindstrom_bates", "mixedjax.batch"]
+           "mixedjax.lindstrom_bates", "mixedjax.batch", "mixedjax.cache", "mixedjax.distributions"]
 
 
 @pytest.mark.parametrize("name", MODULES)

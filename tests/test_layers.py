@@ -15,7 +15,7 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parents[1] / "mixedjax"
 
 LAYERS = [
-    {"linalg", "optimize", "dfo", "data", "formula", "datasets"},
+    {"linalg", "optimize", "dfo", "data", "formula", "datasets", "distributions", "cache"},
     {"covariance", "terms"},
     {"likelihood", "residuals", "crossed_data", "crossed_likelihood", "lindstrom_bates"},
     {"backends"},
