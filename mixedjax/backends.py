@@ -63,6 +63,7 @@ from .covariance import CovStructure
 from .crossed_data import CrossedData, CrossedStructure, theta_scales
 from .crossed_likelihood import conditional as crossed_conditional
 from .crossed_likelihood import normal_ts, row_effects
+from .crossprod import ROWS_NOT_KEPT
 from .data import CrossProducts, GroupedData, cross_products
 from .dfo import minimize_dfo
 from .likelihood import (
@@ -204,6 +205,12 @@ class GroupedModelData(NamedTuple):
     vc_col: tuple
 
 
+def _rows_kept(data: GroupedModelData, what: str) -> None:
+    """``NotImplementedError`` for a model built from cross-products only (no padded rows kept)."""
+    if data.padded is None:
+        raise NotImplementedError(ROWS_NOT_KEPT.format(what=what))
+
+
 def _fit_grouped(theta0: Array, cp: CrossProducts, zmask: Array, structure: CovStructure, reml: bool | Array = True,
                  maxiter: int = 200, gtol: float = 1e-6, em_iter: int = 30) -> Solution:
     """EM warm start, BFGS on the closed-form gradient, gradient polish, boundary snap (pure JAX)."""
@@ -312,7 +319,7 @@ class GroupedBackend:
         return data.cp.nobs
 
     def levels(self, data: GroupedModelData) -> list[int]:
-        g = data.padded.y.shape[0]
+        g = data.zmask.shape[0]
         head = [g] if self.structure.q_re else []
         return head + [v.shape[0] for v in data.vc_group]
 
@@ -337,6 +344,7 @@ class GroupedBackend:
         return modes, covs
 
     def row_effects(self, modes: list[Array], data: GroupedModelData) -> Array:
+        _rows_kept(data, "Z b (fitted values, residuals, predictions on the fitted rows)")
         st = self.structure
         z = data.padded.z[data.codes, data.position]  # (n, q)
         b = jnp.zeros((data.padded.y.shape[0], st.q), z.dtype)
@@ -350,10 +358,12 @@ class GroupedBackend:
         return jnp.sum(z * b[data.codes], axis=-1)
 
     def fixed_part(self, beta: Array, data: GroupedModelData) -> Array:
+        _rows_kept(data, "X β (simulation, bootstrap, fitted values)")
         return data.padded.x[data.codes, data.position] @ beta
 
     def noise(self, key: Array, rho: Array, data: GroupedModelData) -> Array:
         """``N(0, R_i / w)`` per group (VarIdent sd ratios, AR(1) within group in time order), row order."""
+        _rows_kept(data, "simulation")
         pad = data.padded
         e = jax.random.normal(key, pad.y.shape, dtype=pad.y.dtype)
         log_d = -0.5 * jnp.log(jnp.where(pad.mask > 0, pad.w, 1.0))
@@ -378,6 +388,7 @@ class GroupedBackend:
         return e[data.codes, data.position]
 
     def with_response(self, data: GroupedModelData, y: Array) -> GroupedModelData:
+        _rows_kept(data, "a new response (simulate, bootstrap, fit_many, refits to new data)")
         pad = data.padded
         yp = jnp.zeros_like(pad.y).at[data.codes, data.position].set(y)
         pad = pad._replace(y=yp)
@@ -387,6 +398,7 @@ class GroupedBackend:
         """Host-side ``(Z, X, √w)``: ``Z`` a scipy CSR matrix ``(n, Σ_k l_k q_k)`` with columns term by term,
         level-major (the order of :meth:`conditional`), ``X (n, p)``, ``√w (n,)`` (for dense checks and
         Kenward–Roger; rows in the model's order)."""
+        _rows_kept(data, "the sparse design (Kenward-Roger)")
         codes, pos = np.asarray(data.codes), np.asarray(data.position)
         z = np.asarray(data.padded.z)[codes, pos]
         x = np.asarray(data.padded.x)[codes, pos]

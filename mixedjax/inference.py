@@ -212,6 +212,12 @@ def _same_data(results: list) -> None:
     if len(set(n)) > 1:
         raise ValueError(f"the models were fitted to different data: nobs = {n}. Likelihood-ratio tests need "
                          "every model fitted to the same rows (check missing-value handling)")
+    if any(getattr(r.model, "endog", None) is None for r in results):  # models built from cross-products only
+        ss = np.array([r.model.response_ss for r in results])
+        if not np.allclose(ss, ss[0], rtol=1e-10, atol=0):
+            raise ValueError("the models were fitted to different responses (same nobs, different sum of squares); "
+                             "likelihood-ratio tests need the same data")
+        return
     y0 = np.sort(np.asarray(results[0].model.endog))
     for r in results[1:]:
         if not np.allclose(np.sort(np.asarray(r.model.endog)), y0, rtol=1e-12, atol=0):
@@ -221,6 +227,10 @@ def _same_data(results: list) -> None:
 
 def _same_fixed(results: list) -> bool:
     x0 = results[0].model.exog
+    if any(getattr(r.model, "exog", None) is None for r in results):  # no rows: names and X'WX
+        g0 = results[0].model.fixed_gram
+        return all(list(r.model.exog_names) == list(results[0].model.exog_names) and
+                   np.allclose(r.model.fixed_gram, g0, rtol=1e-10) for r in results[1:])
     for r in results[1:]:
         x = r.model.exog
         if x.shape != x0.shape or list(r.model.exog_names) != list(results[0].model.exog_names):

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import formula as fml
+from . import sources
 from .backends import CrossedBackend, CrossedModelData, profiled_jit
 from .crossed_data import all_pairs_of_pairs, crossed_data, mivque_start, theta_scales
 from .model import LinearMixedModel, MixedLM, TermInfo
@@ -257,12 +258,13 @@ def lmer_term_rows(model: Any, data: pd.DataFrame, which: Any = None) -> list[tu
     if not isinstance(data, pd.DataFrame):
         raise ValueError(f"the random-effects design needs new data as a DataFrame, got {type(data).__name__}")
     bars = getattr(model, "bars", None)
-    if bars is None or model.data is None or model.lmer_terms is None:
+    stored = dict((model.designs or {}).get("bars", {}))  # models without rows keep each bar's design spec
+    if bars is None or model.lmer_terms is None or (model.data is None and not stored):
         raise NotImplementedError("the random-effects terms of a model built without mixedjax.lmer(formula, data) "
                                   "cannot be rebuilt for new data")
     wanted = set(range(len(model.term_info))) if which is None else {int(k) for k in which}
     by_label = {t.label: t for t in model.lmer_terms}
-    specs: dict[str, pd.DataFrame] = {}
+    specs: dict[str, pd.DataFrame] = stored
     out: list[tuple[np.ndarray, np.ndarray] | None] = []
     for k, info in enumerate(model.term_info):
         if k not in wanted:
@@ -297,6 +299,9 @@ def lmer(
     weights: Any = None,
     residual: Any = None,
     missing: str = "raise",
+    *,
+    batch_size: int | None = None,
+    distributed: bool = False,
     **fit_kwargs: Any,
 ) -> Any:
     """Fit a linear mixed model written in lme4's formula syntax; returns the fitted results.
@@ -311,7 +316,13 @@ def lmer(
         interaction factor, and any number of terms.  Crossed factors are fitted
         with lme4's penalised least squares (sparse blocked Cholesky,
         :mod:`mixedjax.crossed`).
-    data : pandas.DataFrame
+    data : pandas.DataFrame, Parquet path or Dask DataFrame
+        A Parquet file or directory (or a list of them) is read in row batches with
+        pyarrow, a Dask DataFrame reduced by Dask, keeping only per-group cross-products
+        (as :func:`mixedjax.mixedlm`): for random-effects terms on one grouping factor
+        (``(1 + x | g)``, ``(x || g)``, ``(1 | g) + (0 + x | g)``), without ``residual``;
+        ``weights`` is then a column name.  Crossed or nested factors need a pandas
+        DataFrame (``NotImplementedError`` says so).
     reml : bool
         REML (default) or ML.
     weights : str or array_like, optional
@@ -319,6 +330,11 @@ def lmer(
     residual : VarIdent, AR1 or list, optional
         Structured residuals (models with one grouping factor, or nested ones).
     missing : {"raise", "drop"}
+    batch_size : int, optional
+        Rows per Parquet batch (default 524,288).
+    distributed : bool
+        ``data`` are this process's rows of a model spread over processes started with
+        ``jax.distributed`` (see :func:`mixedjax.mixedlm`).
     **fit_kwargs
         Passed to the fit (``maxiter``, ``gtol``, ``em_iter``, ``start_params``).
 
@@ -346,6 +362,9 @@ def lmer(
     >>> list(r.varcorr().group)
     ['plate', 'sample', 'Residual']
     """
+    if distributed or sources.is_source(data):
+        return lmer_from_source(formula, data, reml=reml, weights=weights, residual=residual, missing=missing,
+                                batch_size=batch_size, distributed=distributed, **fit_kwargs)
     if not isinstance(data, pd.DataFrame):
         raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     yname, fixed, bars = split_formula(formula)
@@ -421,6 +440,73 @@ def lmer(
         info.append(TermInfo(t.label, t.factor, tuple(t.names), levels, t.source))
     model.term_info = info
     return model.fit(reml=reml, **fit_kwargs)
+
+
+def lmer_from_source(formula: str, data: Any, reml: bool = True, weights: str | None = None, residual: Any = None,
+                     missing: str = "raise", batch_size: int | None = None, distributed: bool = False,
+                     **fit_kwargs: Any) -> Any:
+    """:func:`lmer` on data not held in memory (a Parquet path, a Dask DataFrame, or with ``distributed`` this
+    process's rows): terms on one grouping factor, per-group cross-products only (:mod:`mixedjax.sources`)."""
+    if residual is not None:
+        raise NotImplementedError("structured residuals (VarIdent, AR1) need the rows in memory (their "
+                                  "cross-products change with the residual parameters): fit a pandas DataFrame")
+    if weights is not None and not isinstance(weights, str):
+        raise ValueError("with data out of memory, weights must be a column name")
+    yname, fixed, bars = split_formula(formula)
+    if not bars:
+        raise ValueError(f"formula {formula!r} has no random-effects term (expr | group)")
+    factors = sorted({b.group.replace(" ", "") for b in bars})
+    if len(factors) > 1 or re.search(r"[:/]", factors[0]):
+        raise NotImplementedError(f"with data out of memory, lmer takes random-effects terms on one grouping factor "
+                                  f"((1 + x | g), (x || g), (1 | g) + (0 + x | g)); the grouping factors {factors} "
+                                  "are crossed or nested, and those models need the data in memory (a pandas "
+                                  "DataFrame)")
+    group = factors[0]
+    src = sources.prepare(data, yname, fixed, [b.expr for b in bars], group, weights=weights, missing=missing,
+                          batch_size=batch_size, distributed=distributed)
+    if src.fixed_design.shape[1] == 0:
+        raise ValueError(f"formula {formula!r} has no fixed effects; mixedjax needs at least one")
+    # lme4's terms: one per bar, or one per column for (x || g); all on one factor, so lme4's order is the bars'
+    terms: list[tuple[int, list[int], list[str], BarTerm]] = []
+    for k, (bar, zdf) in enumerate(zip(bars, src.random_designs, strict=True)):
+        if zdf.shape[1] == 0:
+            raise ValueError(f"random-effects term {bar.text!r} has no columns")
+        names = ["(Intercept)" if c == "Intercept" else c for c in zdf.columns]
+        blocks = [[j] for j in range(len(names))] if bar.double else [list(range(len(names)))]
+        terms += [(k, js, [names[j] for j in js], bar) for js in blocks]
+    labels = [group if i == 0 else f"{group}.{i}" for i in range(len(terms))]
+    multi = [i for i, t in enumerate(terms) if len(t[1]) > 1]
+    if len(multi) > 1:
+        raise NotImplementedError("two correlated random-effects terms on one factor take lme4's crossed path, "
+                                  "which needs the data in memory (a pandas DataFrame)")
+    first = multi[0] if multi else 0
+    rest = [i for i in range(len(terms)) if i != first]
+    z_columns = [(terms[first][0], j) for j in terms[first][1]] + [(terms[i][0], terms[i][1][0]) for i in rest]
+    acc = src.accumulate(z_columns)
+    model = MixedLM.from_sums(acc, endog_name=yname, exog_names=list(src.fixed_design.columns),
+                              exog_re_names=list(terms[first][2]), k_re=len(terms[first][1]),
+                              vc_names=tuple(labels[i] for i in rest), group_name=group, formula=formula)
+    level_names = [str(v) for v in acc.labels]
+    model.designs = {"fe": src.fixed_design, "bars": {b.text: z for b, z in zip(bars, src.random_designs,
+                                                                               strict=True)}}
+    model.lmer_terms = [RETerm(group, np.zeros(0, dtype=np.int64), list(acc.labels), np.zeros((0, len(t[1]))),
+                               list(t[2]), t[3].text, lab) for t, lab in zip(terms, labels, strict=True)]
+    model.bars = bars
+    model.term_rows_builder = lmer_term_rows
+    model.api = "lme4"
+    model.refit_formula = functools.partial(_refit_source, data=data, weights=weights, missing=missing,
+                                            batch_size=batch_size, distributed=distributed)
+    model.term_info = [TermInfo(labels[i], group, tuple(terms[i][2]), tuple(level_names), terms[i][3].text)
+                       for i in [first, *rest]]
+    model.source = src.description
+    return model.fit(reml=reml, **fit_kwargs)
+
+
+def _refit_source(formula: str, reml: bool, data: Any, weights: str | None, missing: str, batch_size: int | None,
+                  distributed: bool) -> Any:
+    """Fit another lme4 formula to the same data out of memory (lmerTest's ``ranova`` reduced models)."""
+    return lmer(formula, data, reml=reml, weights=weights, missing=missing, batch_size=batch_size,
+                distributed=distributed)
 
 
 def _refit_formula(formula: str, reml: bool, data: pd.DataFrame, weights: np.ndarray | None = None,

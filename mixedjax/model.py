@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import formula as fml
-from . import residuals
+from . import residuals, sharding, sources
 from .backends import (
     GroupedBackend,
     GroupedModelData,
@@ -29,6 +29,7 @@ from .backends import (
     score_params_jit,
 )
 from .covariance import CovStructure, psd_cholesky_np
+from .crossprod import ROWS_NOT_KEPT, aliased_from_gram
 from .data import bucket, cross_products_jit, group_index, pad_groups
 from .fit import fit as fit_driver
 from .many import fit_many
@@ -253,8 +254,57 @@ class LinearMixedModel:
         >>> res.fe_params.shape, bool(res.converged.all())
         ((2, 2), True)
         """
+        if not self.rows_in_memory:
+            raise NotImplementedError(ROWS_NOT_KEPT.format(what="fit_many (new responses)"))
         return fit_many(self, y, reml=reml, maxiter=maxiter, gtol=gtol, em_iter=em_iter, batch_size=batch_size,
                         progress=progress, shard=shard, working=working)
+
+    @property
+    def response_ss(self) -> float:
+        """``Σ w y²``: a fingerprint of the response (likelihood-ratio tests check it for models without rows)."""
+        if getattr(self, "endog", None) is None:
+            return float(self.sums_gram[-1, -1])
+        w = 1.0 if self.weights is None else np.asarray(self.weights, float)
+        return float(np.sum(w * np.asarray(self.endog, float) ** 2))
+
+    @property
+    def fixed_gram(self) -> np.ndarray:
+        """``XᵀWX (p, p)`` of the fixed effects (from the cross-products for models without rows)."""
+        if getattr(self, "exog", None) is None:
+            q = self.sums_gram.shape[0] - self.k_fe - 1
+            return self.sums_gram[q : q + self.k_fe, q : q + self.k_fe]
+        x = np.asarray(self.exog, float)
+        w = np.ones(len(x)) if self.weights is None else np.asarray(self.weights, float)
+        return x.T @ (w[:, None] * x)
+
+    @property
+    def rows_in_memory(self) -> bool:
+        """Whether the model holds its rows (``False`` for a model built from cross-products only: a Parquet
+        path, a Dask DataFrame or ``distributed=True``)."""
+        return getattr(self.backend_data, "padded", True) is not None
+
+    def shard(self, mesh: Any = None) -> LinearMixedModel:
+        """Lay the group axis of this per-group model over several devices (``jax.sharding``); returns ``self``.
+
+        The cross-products (and the padded rows, if the model has them) are sharded over a
+        1-D mesh named ``groups`` (default: every local device), so every evaluation of the
+        likelihood computes each group where it lives and the sums over groups become one
+        all-reduce.  Fits, standard errors, tests and BLUPs are those of one device (the sums
+        are only reordered).  Crossed models have no group axis (``NotImplementedError``).
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> md = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days").shard()
+        >>> round(md.fit().llf, 4)
+        -871.8141
+        """
+        if getattr(self.backend, "kind", None) != "grouped":
+            raise NotImplementedError("sharding the group axis needs a per-group model; crossed random effects "
+                                      "have no group axis")
+        self.backend_data = sharding.shard_grouped(self.backend_data, mesh)
+        return self
 
 
 def _psd_factor(cov: np.ndarray) -> np.ndarray:
@@ -504,6 +554,121 @@ class MixedLM(LinearMixedModel):
         return {"maxiter": 200, "gtol": 1e-6, "em_iter": 30 if self.residual is None else 50}
 
     @classmethod
+    def from_sums(cls, acc: sources.Accumulated, *, endog_name: str, exog_names: list[str],
+                  exog_re_names: list[str], k_re: int, vc_names: tuple[str, ...] = (), group_name: str = "Group",
+                  formula: str | None = None) -> MixedLM:
+        """A model from per-group cross-products alone (:class:`mixedjax.sources.Accumulated`): no rows kept.
+
+        The Z columns are the ``k_re`` columns of the correlated block, then one column per
+        variance component in ``vc_names`` (present in every group).  The checks of the
+        in-memory constructor (aliased fixed or random effects, groups too small for the
+        random-effects block) are made on the summed cross-products.  Features that need no
+        rows work (fit, summary, Wald and Satterthwaite tests, profile intervals, LRT, BLUPs,
+        prediction for new data); those that need them (``fittedvalues``, ``resid``,
+        ``simulate``, ``bootstrap``, Kenward–Roger, ``fit_many``) raise ``NotImplementedError``.
+        """
+        q, p = acc.q, acc.p
+        nobs, labels = acc.nobs, list(acc.labels)
+        gram = acc.gram
+        aliased = aliased_from_gram(gram[q : q + p, q : q + p], list(exog_names), nobs)
+        if aliased:
+            raise ValueError(f"the fixed-effects design is rank deficient: column(s) {aliased} are "
+                             "linear combinations of the others (aliased); drop them or recode")
+        if nobs <= p:
+            raise ValueError(f"{nobs} observations cannot identify {p} fixed effects and a residual variance")
+        if q == 0:
+            raise ValueError("the model has no random effects: give re_formula or random-effects terms")
+        if k_re:
+            n_max = int(acc.n.max())
+            if n_max < k_re:
+                raise ValueError(f"the random-effects design has {k_re} columns {list(exog_re_names)} but the "
+                                 f"largest group has {n_max} row(s): no group can identify them")
+            aliased_re = aliased_from_gram(gram[:k_re, :k_re], list(exog_re_names), nobs)
+            if aliased_re:
+                raise ValueError(f"the random-effects design is rank deficient: column(s) {aliased_re} are "
+                                 "linear combinations of the others")
+        self = cls.__new__(cls)
+        g = len(labels)
+        self.endog_names, self.exog_names, self.exog_re_names = endog_name, list(exog_names), list(exog_re_names)
+        self.residual = None
+        self.group_labels, self.n_groups = labels, g
+        self.structure = CovStructure(q_re=k_re, vc_sizes=(1,) * len(vc_names), re_names=tuple(exog_re_names),
+                                      vc_names=tuple(vc_names))
+        self.endog = self.exog = self.exog_re = self.weights = self.groups = None
+        self.nobs, self.k_fe, self.k_re = nobs, p, k_re
+        self.k_re2 = k_re * (k_re + 1) // 2
+        self.k_vc = len(vc_names)
+        self.group_sizes = np.asarray(acc.n, dtype=float)
+        self.group_index = None
+        self.vc_designs = [fml.VCDesign(str(v), np.zeros((0, 1)), [[str(v)] for _ in range(g)]) for v in vc_names]
+        self.exog_vc_matrix = None
+        mesh = sharding.group_mesh() if acc.distributed else None
+        cp = sharding.cross_products(acc.packed, q, p, bucket(g), mesh)
+        g_pad = int(cp.n.shape[0])
+        zmask = np.zeros((g_pad, q))
+        zmask[:g] = 1.0
+        vc_group = [np.arange(g, dtype=np.int32) for _ in vc_names]
+        vc_col = [np.full(g, k_re + k, dtype=np.int32) for k in range(len(vc_names))]
+        if mesh is None:
+            zmask_a, vg, vcol = jnp.asarray(zmask), [jnp.asarray(v) for v in vc_group], [jnp.asarray(v) for v in vc_col]
+        else:
+            zmask_a = sharding.global_array(zmask, mesh, by_group=True)
+            vg = [sharding.global_array(v, mesh, by_group=False) for v in vc_group]
+            vcol = [sharding.global_array(v, mesh, by_group=False) for v in vc_col]
+        self.backend = GroupedBackend(self.structure, None)
+        self.backend_data = GroupedModelData(None, cp, zmask_a, None, None, None, tuple(vg), tuple(vcol))
+        self.group_name = group_name
+        self.formula = formula
+        self.data = None
+        self.designs = None
+        self.lmer_terms = None
+        self.source = ""
+        self.sums_gram = gram  # Σ_g [Z X y]ᵀ W [Z X y]: totals for rank checks and likelihood-ratio tests
+        self.set_term_info()
+        return self
+
+    @classmethod
+    def from_source(cls, formula: str, data: Any, groups: str, re_formula: str | None = None,
+                    vc_formula: Mapping[str, str] | None = None, weights: str | None = None, missing: str = "raise",
+                    residual: Any = None, batch_size: int | None = None, distributed: bool = False) -> MixedLM:
+        """:func:`mixedlm` on data that are not held in memory (a Parquet path, a Dask DataFrame, or with
+        ``distributed`` this process's rows): the per-group cross-products are accumulated piece by piece
+        (:mod:`mixedjax.sources`) and the model keeps only them."""
+        if residual is not None:
+            raise NotImplementedError("structured residuals (VarIdent, AR1) need the rows in memory (their "
+                                      "cross-products change with the residual parameters): fit them to a pandas "
+                                      "DataFrame")
+        if vc_formula:
+            raise NotImplementedError("variance components (vc_formula) are not implemented for data out of memory: "
+                                      "use random-effects terms on the grouping factor (re_formula, or lmer's "
+                                      "(1 | g) + (0 + x | g)), or fit a pandas DataFrame")
+        if not isinstance(groups, str):
+            raise ValueError(f"with data out of memory, groups must be a column name, got {type(groups).__name__}")
+        if weights is not None and not isinstance(weights, str):
+            raise ValueError("with data out of memory, weights must be a column name")
+        if "~" not in formula:
+            raise ValueError(f"formula {formula!r} has no '~': write it as 'response ~ terms'")
+        lhs, rhs = formula.split("~", 1)
+        yname = lhs.strip()
+        re_f = "1" if re_formula is None else re_formula
+        no_re = fml.as_rhs(re_f) in ("0", "-1")
+        src = sources.prepare(data, yname, rhs, [] if no_re else [re_f], groups, weights=weights, missing=missing,
+                              batch_size=batch_size, distributed=distributed)
+        if src.fixed_design.shape[1] == 0:
+            raise ValueError(f"formula {formula!r} has no fixed effects; mixedjax needs at least one")
+        zdf = None if no_re else src.random_designs[0]
+        zcols = [] if zdf is None else list(zdf.columns)
+        acc = src.accumulate([(0, j) for j in range(len(zcols))])
+        model = cls.from_sums(acc, endog_name=yname, exog_names=list(src.fixed_design.columns),
+                              exog_re_names=["Group" if c == "Intercept" else c for c in zcols], k_re=len(zcols),
+                              group_name=groups, formula=formula)
+        model.designs = {"fe": src.fixed_design, "re": zdf, "vc": {}}
+        model.re_formula = re_formula
+        model.vc_formula = {}
+        model.source = src.description
+        return model
+
+    @classmethod
     def from_formula(
         cls,
         formula: str,
@@ -606,6 +771,9 @@ def mixedlm(
     weights: Any = None,
     missing: str = "raise",
     residual: Any = None,
+    *,
+    batch_size: int | None = None,
+    distributed: bool = False,
 ) -> MixedLM:
     """Build a :class:`MixedLM` from a formula, as ``statsmodels.formula.api.mixedlm``.
 
@@ -614,8 +782,15 @@ def mixedlm(
     formula : str
         Fixed effects, e.g. ``"Weight ~ Time + C(Evit)"`` (formulaic syntax:
         categoricals in their pandas category order, interactions, ``np.log(x)``).
-    data : pandas.DataFrame
-        Never modified.
+    data : pandas.DataFrame, Parquet path or Dask DataFrame
+        Never modified.  A Parquet file or directory (``str``/``os.PathLike``, or a list
+        of them) is read in row batches with pyarrow, and a Dask DataFrame is reduced by
+        Dask: only the per-group cross-products are kept (:mod:`mixedjax.sources`; rows
+        need not be sorted, groups may span files or partitions).  Such a model has no rows:
+        ``fittedvalues``, ``resid``, ``simulate`` and ``bootstrap`` raise
+        ``NotImplementedError``; everything else works.  Per-group models with iid
+        residuals only (no ``vc_formula``, no ``residual``); ``groups`` and ``weights`` are
+        column names.
     groups : str or array_like
         Column name or a vector of group labels, one per row.
     re_formula : str, optional
@@ -635,6 +810,14 @@ def mixedlm(
         Structured residuals, as nlme: ``mixedjax.VarIdent("Sex")`` (a residual
         variance per level) and/or ``mixedjax.AR1(time="age")`` (AR(1) within each
         group, rows in ``time`` order).  Default: iid residuals.
+    batch_size : int, optional
+        Rows per Parquet batch (default 524,288): the memory the reading takes.
+    distributed : bool
+        Several processes started with ``jax.distributed.initialize``: ``data`` (any of
+        the kinds above, or a pandas DataFrame) are this process's rows; every process
+        calls ``mixedlm`` with its own.  Levels and group ids are united across
+        processes, the cross-products summed, and the group axis sharded over every
+        process's devices; every process gets the same fit.
 
     Examples
     --------
@@ -644,6 +827,10 @@ def mixedlm(
     >>> round(md.fit().llf, 3)
     -2217.047
     """
+    if distributed or sources.is_source(data):
+        return MixedLM.from_source(formula, data, groups, re_formula=re_formula, vc_formula=vc_formula,
+                                   weights=weights, missing=missing, residual=residual, batch_size=batch_size,
+                                   distributed=distributed)
     if not isinstance(data, pd.DataFrame):
         raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     if len(data) == 0:

@@ -1,0 +1,431 @@
+"""Data engines that feed per-group models without holding the rows: Parquet in row batches, Dask, processes.
+
+A per-group model with iid residuals needs only per-group cross-products
+(:mod:`mixedjax.crossprod`).  This module gets them from data that never sit in one
+process's memory, in two passes over the pieces of the data:
+
+1. **levels** (:func:`mixedjax.crossprod.frame_levels` on every piece, then one merge):
+   rows, missing values (reported or dropped as ``missing`` says, exactly as in memory),
+   every level of every categorical column and every group id, collected once across all
+   pieces before any design is built (pyarrow's dictionaries are per batch; a Dask
+   partition sees only its own values).  The designs' formulaic specs are then built on a
+   small frame holding every level, so every piece codes its factors alike.
+2. **cross-products** (:func:`mixedjax.crossprod.frame_sums` on every piece, then a
+   per-group sum).
+
+The pieces:
+
+* a Parquet file or a directory of them (``str`` / ``os.PathLike``, or a list): row batches
+  read with ``pyarrow.dataset`` (``batch_size`` rows at a time); rows need not be sorted by
+  group and a group may span files;
+* a Dask DataFrame: both passes run as Dask tasks (``to_delayed`` for the levels,
+  ``map_partitions`` then ``groupby("group").sum()`` for the cross-products), locally or on
+  a ``dask.distributed`` cluster; only levels and cross-products come back.  The code that
+  runs on the workers is this package's numpy module :mod:`mixedjax.crossprod`, shipped by
+  value: workers need neither JAX nor an installed mixedjax;
+* with ``distributed=True`` (several processes started with ``jax.distributed``), each
+  process's own rows (any of the above, or a pandas DataFrame): levels are gathered from
+  every process, and the cross-products summed over processes into a group axis sharded
+  over every process's devices (:mod:`mixedjax.sharding`).
+
+pyarrow and dask are optional (``pip install "mixedjax[parquet]"``, ``"mixedjax[dask]"``),
+imported when a path or a Dask DataFrame is given.
+
+Examples
+--------
+>>> import pathlib, tempfile
+>>> import mixedjax
+>>> d = mixedjax.datasets.load("sleepstudy")
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "sleep.parquet"
+>>> d.sample(frac=1.0, random_state=0).to_parquet(path)  # rows shuffled: groups need not be sorted
+>>> src = prepare(path, "Reaction", "Days", ["Days"], "Subject", batch_size=50)
+>>> src.nobs, len(src.labels), list(src.fixed_design.columns)
+(180, 18, ['Intercept', 'Days'])
+>>> acc = src.accumulate([(0, 0), (0, 1)])
+>>> acc.packed.shape, float(acc.n.sum())
+((18, 23), 180.0)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import crossprod as cpm
+from . import formula as fml
+from . import sharding
+from .crossprod import DesignPlan, LevelPlan, frame_levels, frame_sums, merge_levels, ordered_levels, packed_size
+
+DEFAULT_BATCH_ROWS = 1 << 19
+
+
+# =========================================================================================== pieces
+def is_dask_frame(data: Any) -> bool:
+    """A Dask DataFrame (without importing dask)."""
+    return type(data).__module__.split(".")[0] == "dask" and hasattr(data, "map_partitions") and \
+        hasattr(data, "to_delayed") and hasattr(data, "columns")
+
+
+def is_path(data: Any) -> bool:
+    if isinstance(data, str | os.PathLike):
+        return True
+    return isinstance(data, list | tuple) and len(data) > 0 and all(isinstance(d, str | os.PathLike) for d in data)
+
+
+def is_source(data: Any) -> bool:
+    """Data the out-of-core path reads: a Parquet path (or list of paths) or a Dask DataFrame."""
+    return is_path(data) or is_dask_frame(data)
+
+
+class Pieces:
+    """The pieces of one data set: its columns, a few first rows, the two passes."""
+
+    description = ""
+
+    @property
+    def columns(self) -> list[str]:
+        raise NotImplementedError
+
+    def head(self, columns: list[str], n: int) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def levels(self, plan: LevelPlan) -> dict:
+        raise NotImplementedError
+
+    def sums(self, plan: DesignPlan, q: int, p: int, n_groups: int) -> np.ndarray:
+        """Dense ``(n_groups, K)`` packed cross-products of every row."""
+        raise NotImplementedError
+
+
+class ParquetPieces(Pieces):
+    """Parquet files read in row batches of ``batch_size`` rows with ``pyarrow.dataset``."""
+
+    def __init__(self, path: Any, batch_size: int | None = None) -> None:
+        try:
+            import pyarrow.dataset as pads
+        except ImportError as e:  # an optional extra
+            raise ImportError("reading Parquet needs pyarrow: pip install 'mixedjax[parquet]'") from e
+        paths = [os.fspath(p) for p in path] if isinstance(path, list | tuple) else os.fspath(path)
+        for p in paths if isinstance(paths, list) else [paths]:
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"no such Parquet file or directory: {p!r}")
+        self.dataset = pads.dataset(paths, format="parquet")
+        self.batch_size = int(batch_size or DEFAULT_BATCH_ROWS)
+        n_files = len(self.dataset.files)
+        self.description = f"Parquet ({n_files} file{'s' if n_files != 1 else ''}, batches of {self.batch_size} rows)"
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.dataset.schema.names)
+
+    def head(self, columns: list[str], n: int) -> pd.DataFrame:
+        return self.dataset.head(n, columns=columns).to_pandas()
+
+    def batches(self, columns: list[str]) -> Iterator[pd.DataFrame]:
+        """pandas frames of ``batch_size`` rows (fewer at row-group ends), indexed by row number in the data set."""
+        offset = 0
+        for batch in self.dataset.to_batches(columns=columns, batch_size=self.batch_size):
+            if batch.num_rows == 0:
+                continue
+            frame = batch.to_pandas()
+            frame.index = pd.RangeIndex(offset, offset + len(frame))
+            offset += len(frame)
+            yield frame
+
+    def levels(self, plan: LevelPlan) -> dict:
+        return merge_levels(frame_levels(b, plan) for b in self.batches(list(plan.columns)))
+
+    def sums(self, plan: DesignPlan, q: int, p: int, n_groups: int) -> np.ndarray:
+        acc = np.zeros((n_groups, packed_size(q, p)))
+        for b in self.batches(list(plan.columns)):
+            groups, packed = frame_sums(b, plan)
+            acc[groups] += packed  # group codes of a piece are unique
+        return acc
+
+
+class DaskPieces(Pieces):
+    """A Dask DataFrame: both passes as Dask tasks; the workers run :mod:`mixedjax.crossprod` (shipped by value)."""
+
+    def __init__(self, ddf: Any) -> None:
+        import cloudpickle  # dask's serialiser
+
+        # the workers get the numpy kernels' code itself: they need neither JAX nor mixedjax installed
+        cloudpickle.register_pickle_by_value(cpm)
+        self.ddf = ddf
+        self.description = f"Dask DataFrame ({ddf.npartitions} partitions)"
+
+    @property
+    def columns(self) -> list[str]:
+        return [str(c) for c in self.ddf.columns]
+
+    def head(self, columns: list[str], n: int) -> pd.DataFrame:
+        with warnings.catch_warnings():  # "fewer rows than requested" from a small first partition
+            warnings.simplefilter("ignore", UserWarning)
+            return self.ddf[columns].head(n, npartitions=1, compute=True)
+
+    def levels(self, plan: LevelPlan) -> dict:
+        import dask
+
+        parts = self.ddf[list(plan.columns)].to_delayed()
+        one = dask.delayed(cpm.frame_levels, pure=True)
+        return dask.delayed(cpm.merge_levels, pure=True)([one(part, plan) for part in parts]).compute()
+
+    def sums(self, plan: DesignPlan, q: int, p: int, n_groups: int) -> np.ndarray:
+        per_piece = self.ddf[list(plan.columns)].map_partitions(cpm.frame_sums_frame, plan,
+                                                                meta=cpm.sums_meta(q, p), align_dataframes=False)
+        total = per_piece.groupby("group").sum().compute()
+        acc = np.zeros((n_groups, packed_size(q, p)))
+        acc[total.index.to_numpy(dtype=np.int64)] = total.to_numpy(dtype=float)
+        return acc
+
+
+class FramePieces(Pieces):
+    """An in-memory pandas DataFrame as one piece (a process's own rows under ``distributed=True``)."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self.description = f"DataFrame ({len(frame)} rows)"
+
+    @property
+    def columns(self) -> list[str]:
+        return [str(c) for c in self.frame.columns]
+
+    def head(self, columns: list[str], n: int) -> pd.DataFrame:
+        return self.frame[columns].head(n)
+
+    def levels(self, plan: LevelPlan) -> dict:
+        return merge_levels([frame_levels(self.frame, plan)])
+
+    def sums(self, plan: DesignPlan, q: int, p: int, n_groups: int) -> np.ndarray:
+        groups, packed = frame_sums(self.frame, plan)
+        acc = np.zeros((n_groups, packed_size(q, p)))
+        acc[groups] = packed
+        return acc
+
+
+def pieces_of(data: Any, batch_size: int | None = None) -> Pieces:
+    """The :class:`Pieces` reader of ``data``: a Parquet path (or list), a Dask DataFrame or a pandas DataFrame."""
+    if is_dask_frame(data):
+        return DaskPieces(data)
+    if is_path(data):
+        return ParquetPieces(data, batch_size)
+    if isinstance(data, pd.DataFrame):
+        return FramePieces(data)
+    raise ValueError(f"data must be a pandas DataFrame, a Parquet path or a Dask DataFrame, got "
+                     f"{type(data).__name__}")
+
+
+# ====================================================================================== first pass
+_STATEFUL = re.compile(r"\b(center|scale|standardize|bs|cs|cr|cc|te|poly|lag)\s*\(")
+
+
+def _categorical_columns(formulas: list[str], probe: pd.DataFrame) -> set[str]:
+    """Columns whose levels a design needs: those behind every categorical factor of the formulas' specs on
+    the first rows, and every non-numeric column the formulas use."""
+    out = set()
+    for f in formulas:
+        if fml.as_rhs(f) in ("0", "-1", "1", ""):
+            continue
+        spec = fml.design(f, probe).attrs.get("model_spec")
+        if spec is None:
+            continue
+        if spec.transform_state or _STATEFUL.search(f):
+            raise NotImplementedError(f"the formula {f!r} has a data-dependent transform (center, scale, splines, "
+                                      "poly, ...): out of memory its state would come from part of the data. "
+                                      "Compute the column before writing the data, or fit in memory")
+        kinds = spec.encoder_state
+        for factor, variables in spec.factor_variables.items():
+            state = kinds.get(str(factor))
+            if state is not None and str(getattr(state[0], "value", state[0])) == "categorical":
+                out |= {v for v in variables if v in probe.columns}
+    for c in probe.columns:
+        s = probe[c]
+        if not pd.api.types.is_numeric_dtype(s) or isinstance(s.dtype, pd.CategoricalDtype):
+            out.add(c)
+    return out
+
+
+def _missing_report(bad: dict) -> str:
+    return "; ".join(f"column {c!r}: {k} row(s) NaN or infinite (first at row {first!r})"
+                     for c, (k, first) in bad.items())
+
+
+def _prototype(levels: dict, probe: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """A small frame with every level of every categorical column (numeric columns from the first rows), on which
+    the designs' formulaic specs are built."""
+    n = max([len(v) for _, v in levels.values()] + [1])
+    out = {}
+    for c in columns:
+        if c in levels:
+            kind, values = levels[c]
+            vals = values if values else [np.nan]
+            cyc = [vals[i % len(vals)] for i in range(n)]
+            if kind == "categories":
+                out[c] = pd.Categorical(cyc, categories=values)
+            else:
+                arr = np.asarray(cyc)
+                out[c] = arr if arr.dtype.kind in "biuf" else np.asarray(cyc, dtype=object)
+        else:
+            s = probe[c].dropna() if c in probe.columns else pd.Series([], dtype=float)
+            vals = s.to_numpy() if len(s) else np.zeros(1)
+            out[c] = np.resize(vals, n)
+    return pd.DataFrame(out)
+
+
+@dataclass
+class Accumulated:
+    """The cross-products of every row: ``packed (G, K)`` (numpy, or a group-sharded JAX array across
+    processes), their layout ``q, p``, the group ``labels``, rows per group ``n (G,)`` and the totals
+    ``gram (m, m)`` = ``Σ_g [Z X y]ᵀ[Z X y]`` (for rank checks) on the host of every process."""
+
+    packed: Any
+    q: int
+    p: int
+    labels: list
+    n: np.ndarray
+    gram: np.ndarray
+    distributed: bool
+
+    @property
+    def nobs(self) -> int:
+        return int(round(float(self.n.sum())))
+
+
+@dataclass
+class PreparedSource:
+    """The result of the first pass: designs (on the prototype frame, with their formulaic specs), group ids, rows.
+
+    ``fixed_design``/``random_designs``: DataFrames whose ``attrs["model_spec"]`` code new data
+    as the fit did (:func:`mixedjax.formula.design_like`); :meth:`accumulate` runs the second
+    pass for a choice of Z columns.
+    """
+
+    pieces: Pieces
+    response: str
+    group: str
+    weights: str | None
+    columns: list[str]
+    fixed_design: pd.DataFrame
+    random_designs: list[pd.DataFrame]
+    labels: list
+    nobs: int
+    n_dropped: int
+    distributed: bool
+
+    @property
+    def description(self) -> str:
+        return self.pieces.description + (" per process, distributed" if self.distributed else "")
+
+    def accumulate(self, z_columns: Sequence[tuple[int, int]]) -> Accumulated:
+        """The second pass: per-group cross-products with Z = the ``(design, column)`` columns, summed."""
+        q, p = len(z_columns), self.fixed_design.shape[1]
+        plan = DesignPlan(tuple(self.columns), self.response, self.group, self.fixed_design.attrs.get("model_spec"),
+                          tuple(d.attrs.get("model_spec") for d in self.random_designs), tuple(z_columns),
+                          pd.Index(self.labels), self.weights)
+        g = len(self.labels)
+        local = self.pieces.sums(plan, q, p, g)
+        m = q + p + 1
+        if not self.distributed:
+            s = cpm.unpack(local.sum(axis=0, keepdims=True), q, p)
+            gram = _gram(s, q, p, m)
+            return Accumulated(local, q, p, self.labels, local[:, -2].copy(), gram, False)
+        total = sharding.global_cross_products(local, g)
+        n = sharding.gather_rows(total[:, -2])[:g]
+        every = np.sum([np.asarray(t) for t in sharding.allgather_objects(local.sum(axis=0))], axis=0)
+        gram = _gram(cpm.unpack(every[None, :], q, p), q, p, m)
+        return Accumulated(total, q, p, self.labels, n, gram, True)
+
+
+def _gram(s: cpm.GroupSums, q: int, p: int, m: int) -> np.ndarray:
+    gram = np.zeros((m, m))
+    gram[:q, :q], gram[:q, q : q + p], gram[:q, -1] = s.ztz[0], s.ztx[0], s.zty[0]
+    gram[q : q + p, q : q + p], gram[q : q + p, -1], gram[-1, -1] = s.xtx[0], s.xty[0], s.yty[0]
+    return np.triu(gram) + np.triu(gram, 1).T
+
+
+def prepare(data: Any, response: str, fixed: str, random: Sequence[str], group: str, weights: str | None = None,
+            missing: str = "raise", batch_size: int | None = None, distributed: bool = False) -> PreparedSource:
+    """The first pass over ``data`` (a Parquet path, a Dask DataFrame, or with ``distributed`` this process's rows).
+
+    Parameters
+    ----------
+    data : str, os.PathLike, list of paths, dask.dataframe.DataFrame or pandas.DataFrame
+    response : str
+        The response column.
+    fixed : str
+        Right-hand side of the fixed effects (``"x1 + C(site)"``).
+    random : list of str
+        Right-hand sides of the random-effects designs (``"1"``, ``"Days"``).
+    group : str
+        The grouping column.
+    weights : str, optional
+        Column of prior weights.
+    missing : {"raise", "drop", "none"}
+        As in memory: raise naming the columns, or drop those rows with a warning.
+    batch_size : int, optional
+        Rows per Parquet batch (default 524,288).
+    distributed : bool
+        ``data`` are this process's rows; the levels and group ids of every process are
+        united (every process must call this with its own rows).
+
+    Returns
+    -------
+    PreparedSource
+    """
+    if missing not in ("raise", "drop", "none"):
+        raise ValueError(f"missing must be 'raise', 'drop' or 'none', got {missing!r}")
+    pieces = pieces_of(data, batch_size)
+    empty = pd.DataFrame(columns=pieces.columns)
+    if response not in empty.columns:
+        raise ValueError(f"response column {response!r} is not in the data; available: {list(empty.columns)}")
+    used = [response] + fml.required_columns("~" + fml.as_rhs(fixed), empty, "formula")
+    for f in random:
+        if fml.as_rhs(f) not in ("0", "1", "-1"):
+            used += fml.required_columns("~" + fml.as_rhs(f), empty, "random-effects formula")
+    if group not in empty.columns:
+        raise ValueError(f"groups column {group!r} is not in the data; available: {list(empty.columns)}")
+    used.append(group)
+    if weights is not None:
+        if weights not in empty.columns:
+            raise ValueError(f"weights column {weights!r} is not in the data")
+        used.append(weights)
+    used = list(dict.fromkeys(used))
+    probe = pieces.head(used, 1000)
+    if not distributed and len(probe) == 0:
+        raise ValueError("no observations: the data are empty")
+    categorical = _categorical_columns([fixed, *random], probe) - {group}
+    lplan = LevelPlan(tuple(used), tuple(sorted(categorical)), group, response, weights, missing)
+    parts = [pieces.levels(lplan)]
+    if distributed:
+        parts = sharding.allgather_objects(parts[0])
+        probes = sharding.allgather_objects(probe)
+        probe = next((p for p in probes if len(p)), probe)
+    merged = merge_levels(parts)
+    if merged["bad"] and missing != "none":
+        if missing == "raise":
+            raise ValueError("missing or non-finite values: " + _missing_report(merged["bad"])
+                             + ". Pass missing='drop' to drop those rows.")
+        warnings.warn(f"dropped {merged['rows'] - merged['kept']} row(s) with missing or non-finite values: "
+                      + _missing_report(merged["bad"]), UserWarning, stacklevel=3)
+    if merged["kept"] == 0:
+        raise ValueError("no observations left after dropping missing values" if merged["rows"] else
+                         "no observations: the data are empty")
+    kind, values = merged["groups"]
+    labels = ordered_levels(kind, values, merged.get("groups_used") if kind == "categories" else None)
+    levels = {c: (k, ordered_levels(k, v) if k == "values" else list(v)) for c, (k, v) in merged["levels"].items()}
+    proto = _prototype(levels, probe, [c for c in used if c != group])
+    x = fml.design(fixed, proto)
+    zs = [fml.design(f, proto) for f in random]
+    return PreparedSource(pieces, response, group, weights, used, x, zs, labels, int(merged["kept"]),
+                          int(merged["rows"] - merged["kept"]) if missing != "none" else 0, distributed)
+
+
+__all__ = ["Accumulated", "DEFAULT_BATCH_ROWS", "PreparedSource", "is_dask_frame", "is_path", "is_source",
+           "pieces_of", "prepare"]
