@@ -199,7 +199,12 @@ class LinearMixedModel:
             evaluations (crossed models, default 1000).
         gtol : float
             Per-group models: convergence when the largest absolute gradient entry of the
-            profiled deviance with respect to θ is below ``gtol`` (default 1e-6).
+            profiled deviance D with respect to θ is below ``gtol * max(1, |D| / 1e4)``
+            (default 1e-6): absolute for deviances up to 1e4 (fits of up to a few thousand
+            rows), relative to the deviance beyond, where its rounding noise grows with the
+            rows (:func:`mixedjax.optimize.tol_scale`).  A fit whose deviance can no longer be
+            decreased in float64, with the gradient below ``sqrt(gtol)`` on that scale, also
+            counts as converged (``Result.NO_PROGRESS``).
         em_iter : int
             Per-group models: maximum EM warm-start iterations (0 disables the warm start).
         **options

@@ -40,7 +40,7 @@ class Result(enum.IntEnum):
     """How a minimisation ended (``Solution.result``)."""
 
     CONVERGED = 0
-    """The largest absolute gradient entry fell below ``gtol``."""
+    """The largest absolute gradient entry fell below ``gtol * tol_scale(f)`` (absolute up to |f| = 1e4)."""
     NO_PROGRESS = 1
     """Neither the objective nor the gradient could be decreased further, with the gradient small."""
     MAX_ITER = 2
@@ -105,6 +105,22 @@ def _gnorm(g: Array) -> Array:
     return jnp.max(jnp.abs(g))
 
 
+F_REF = 1e4
+"""Objective size up to which the gradient tolerances are absolute (see :func:`tol_scale`)."""
+
+
+def tol_scale(f: Array) -> Array:
+    """``max(1, |f| / F_REF)``: the factor on every gradient tolerance at objective value ``f``.
+
+    The rounding noise of an objective that sums n terms, and of its gradient, grows with
+    its size (a deviance of 3e7 at 10M rows carries gradient noise far above 1e-6), so an
+    absolute gradient tolerance cannot be met on large problems however close the fit is.
+    Tolerances are absolute up to ``|f| = 1e4`` (a few thousand observations, every
+    reference fit) and relative to ``|f|`` beyond.
+    """
+    return jnp.maximum(1.0, jnp.abs(f) / F_REF)
+
+
 def _bfgs_update(hinv: Array, s: Array, y: Array, first: Array) -> Array:
     """BFGS inverse-Hessian update (N&W eq. 6.17), skipped without positive curvature."""
     k = s.shape[0]
@@ -166,10 +182,14 @@ def minimize(
     maxiter : int
         Maximum BFGS iterations.
     gtol : float
-        Converged when ``max |∇f| <= gtol``.
+        Converged when ``max |∇f| <= gtol * max(1, |f| / 1e4)`` (:func:`tol_scale`:
+        absolute for objectives up to 1e4, relative to ``|f|`` beyond, where rounding
+        noise grows with the size of the problem), or when the objective can no longer
+        be decreased by more than ``1e-13 (1 + |f|)`` with the gradient below
+        ``sqrt(gtol)`` on the same scale (``Result.NO_PROGRESS``).
     polish_gtol, max_polish : float, int
         After convergence, at most ``max_polish`` quasi-Newton steps that shrink
-        the gradient towards ``polish_gtol``.
+        the gradient towards ``polish_gtol`` (on the same scale).
 
     Examples
     --------
@@ -347,7 +367,8 @@ class _Program:
         init_next = s._replace(
             x=xt, f=ft, g=gt, d=-gt,
             t=jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.linalg.norm(gt), 1e-300)).astype(dtype),
-            phase=jnp.where(~finite, _DONE, jnp.where(_gnorm(gt) <= gtol, _POLISH, _BFGS)).astype(i32),
+            phase=jnp.where(~finite, _DONE, jnp.where(_gnorm(gt) <= gtol * tol_scale(ft), _POLISH, _BFGS)
+                            ).astype(i32),
             code=jnp.where(~finite, Result.NONFINITE, -1).astype(i32),
             f0=jnp.where(jnp.isnan(s.f0), ft, s.f0),
         )
@@ -358,9 +379,10 @@ class _Program:
         hn = _bfgs_update(s.hinv, xt - s.x, gt - s.g, s.first)
         dn = _direction(hn, gt)
         it = s.n_iter + 1
-        conv = _gnorm(gt) <= gtol
+        scale = tol_scale(s.f)
+        conv = _gnorm(gt) <= gtol * scale
         # a decrease lost in rounding with a small gradient: the objective's noise floor
-        stalled = (s.f - ft <= 1e-13 * (1.0 + jnp.abs(s.f))) & (_gnorm(gt) <= jnp.sqrt(gtol))
+        stalled = (s.f - ft <= 1e-13 * (1.0 + jnp.abs(s.f))) & (_gnorm(gt) <= jnp.sqrt(gtol) * scale)
         acc_phase = jnp.where(conv | stalled, _POLISH, jnp.where(it >= maxiter, _DONE, _BFGS))
         acc_code = jnp.where(conv | (it < maxiter), -1, Result.MAX_ITER)
         ls_exhausted = s.t < 0.5**self.ls_steps
@@ -368,7 +390,7 @@ class _Program:
         curv = ft - s.f - slope * s.t
         quad = -slope * s.t**2 / (2.0 * jnp.where(curv > 0, curv, 1.0))
         backtrack = jnp.where(finite & (curv > 0), jnp.clip(quad, 0.1 * s.t, 0.5 * s.t), 0.1 * s.t)
-        small = _gnorm(s.g) <= jnp.sqrt(gtol)
+        small = _gnorm(s.g) <= jnp.sqrt(gtol) * scale
         bfgs_next = lax.cond(
             armijo,
             lambda: s._replace(x=xt, f=ft, g=gt, hinv=hn, d=dn, t=jnp.asarray(1.0, dtype), first=jnp.array(False),
@@ -387,7 +409,7 @@ class _Program:
         p_ok = finite & (_gnorm(gt) < _gnorm(s.g)) & (ft <= s.f + 1e-10 * (1.0 + jnp.abs(s.f)))
         ph = _bfgs_update(s.hinv, xt - s.x, gt - s.g, s.first)
         pg = jnp.where(p_ok, gt, s.g)
-        p_more = p_ok & (_gnorm(gt) > self.polish_gtol) & (s.n_polish + 1 < self.max_polish)
+        p_more = p_ok & (_gnorm(gt) > self.polish_gtol * scale) & (s.n_polish + 1 < self.max_polish)
         polish_next = s._replace(
             x=jnp.where(p_ok, xt, s.x), f=jnp.where(p_ok, ft, s.f), g=pg,
             hinv=jnp.where(p_ok, ph, s.hinv), d=_direction(jnp.where(p_ok, ph, s.hinv), pg),
@@ -410,7 +432,7 @@ class _Program:
 
     def finish(self, s: _State, x0: Array) -> Solution:
         gn = _gnorm(s.g)
-        gtol = self.gtol
+        gtol = self.gtol * tol_scale(s.f)
         code = jnp.where(s.code >= 0, s.code, jnp.where(gn <= gtol, Result.CONVERGED, Result.NO_PROGRESS))
         code = jnp.where((s.code == Result.LINE_SEARCH_FAILED) | (s.code == Result.MAX_ITER),
                          jnp.where(gn <= gtol, Result.CONVERGED, s.code), code)
