@@ -39,8 +39,11 @@ from .data import GroupedData, cross_products
 from .fit import start_theta
 from .likelihood import profile
 from .optimize import Result
+from .plots import plot_batch
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from .results import MixedLMResults
 
 
@@ -300,6 +303,23 @@ class BatchResults:
         residual parameters on their natural scale), a start for a single fit."""
         return np.concatenate([self.fe_params[m], self.variance_params()[m] / self.scale[m],
                                self.residual_params[m]])
+
+    def plot(self, param: str, kind: str = "hist", alpha: float = 0.05, bins: int = 30,
+             figsize: tuple[float, float] | None = None) -> Figure:
+        """One estimate across the models: ``kind="hist"`` its histogram, ``"volcano"`` (a fixed effect) the
+        estimate against ``−log10 p`` of its Wald z test (:func:`mixedjax.plots.plot_batch`).
+
+        Examples
+        --------
+        >>> import mixedjax, numpy as np
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> md = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject")
+        >>> y = d["Reaction"].to_numpy()[:, None] + np.random.default_rng(0).normal(0, 20, (180, 20))
+        >>> batch = md.fit_many(y)
+        >>> batch.plot("Days").axes[0].get_xlabel(), batch.plot("Days", kind="volcano").axes[0].get_xlabel()
+        ('Days', 'Days estimate')
+        """
+        return plot_batch(self, param, kind=kind, alpha=alpha, bins=bins, figsize=figsize)
 
     def result_for(self, m: int) -> MixedLMResults:
         """Model ``m`` as a full :class:`mixedjax.MixedLMResults`, refitted alone from its batched estimate.

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from . import plots
 from .backends import conditional_jit, info_natural_jit, info_natural_sub_jit, natural_from_fit, natural_size
 from .distributions import stats
 from .fit import ConvergenceWarning, FittedModel
@@ -23,6 +24,9 @@ from .inference import InferenceMixin
 from .optimize import Result
 from .residuals import describe as _residual_describe
 from .terms import diagonal_theta, factors_np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of θ
 
@@ -508,6 +512,52 @@ class MixedLMResults(InferenceMixin):
         if not self.converged:
             notes.append(f"Not converged: {self.optim.message}.")
         return Summary("Mixed Linear Model Regression Results", info, df, "\n".join(notes))
+
+    # ------------------------------------------------------------ plots (mixedjax.plots, the plot extra)
+    def plot_ranef(self, alpha: float = 0.05, figsize: tuple[float, float] | None = None) -> Figure:
+        """Caterpillar plot of the conditional modes with ``1 − alpha`` intervals from the conditional sds,
+        one panel per grouping factor and column (lme4's ``dotplot(ranef(fit, condVar = TRUE))``;
+        :func:`mixedjax.plots.plot_ranef`).
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> r = mixedjax.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", mixedjax.datasets.load("penicillin"))
+        >>> fig = r.plot_ranef()
+        >>> fig.savefig("ranef.png")  # doctest: +SKIP
+        >>> len(fig.axes)
+        2
+        """
+        return plots.plot_ranef(self, alpha=alpha, figsize=figsize)
+
+    def plot_profile(self, params: list[str] | None = None, alpha: float = 0.05,
+                     figsize: tuple[float, float] | None = None) -> Figure:
+        """The profile ζ of each parameter with its profile interval (lme4's ``xyplot(profile(fit))``;
+        :func:`mixedjax.plots.plot_profile`).  ``params``: lme4's names of the parameters to draw
+        (the rows of ``conf_int(method="profile")``), default all.
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> r = mixedjax.lmer("Yield ~ 1 + (1 | Batch)", mixedjax.datasets.load("dyestuff"))
+        >>> [ax.get_title() for ax in r.plot_profile(params=["sigma"]).axes]
+        ['sigma']
+        """
+        return plots.plot_profile(self, params=params, alpha=alpha, figsize=figsize)
+
+    def plot_diagnostics(self, figsize: tuple[float, float] | None = None) -> Figure:
+        """Standardised residuals against fitted values, and normal QQ plots of the residuals and of every
+        random effect (:func:`mixedjax.plots.plot_diagnostics`).
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> r = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject").fit()
+        >>> [ax.get_title() for ax in r.plot_diagnostics().axes]
+        ['residuals vs fitted', 'residuals', 'Subject: (Intercept)']
+        """
+        return plots.plot_diagnostics(self, figsize=figsize)
 
     def __repr__(self) -> str:
         return f"<MixedLMResults {self.method} llf={self.llf:.4f} converged={self.converged}>"
