@@ -57,6 +57,7 @@ import json
 import os
 import platform
 import queue
+import re
 import shutil
 import signal
 import statistics
@@ -352,9 +353,9 @@ def run_child(cmd: list[str], env: dict, fit_timeout: float) -> dict:
         limit = fit_timeout if ready_at is not None else LOAD_TIMEOUT
         return {"status": "timeout", "wall_s": wall, "note": f"{what} did not finish within {limit:.0f} s"}
     if p.returncode != 0 or result is None:
-        tail = "".join(err).strip().splitlines()[-3:]
-        return {"status": "failed", "wall_s": wall,
-                "note": f"exit status {p.returncode}: " + " / ".join(tail)[-400:]}
+        errs = [ln.strip() for ln in "".join(err).splitlines() if ln.strip()]
+        cause = [ln for ln in errs if re.match(r"^[\w.]*(Error|Exception|Killed)\b", ln)] or errs[-1:] or ["?"]
+        return {"status": "failed", "wall_s": wall, "note": f"exit status {p.returncode}: {cause[-1][:300]}"}
     return {"status": "ok", "result": result, "wall_s": wall}
 
 
