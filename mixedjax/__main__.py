@@ -1,24 +1,21 @@
-"""Run the seed example: ``python -m mixedjax``.
+"""``python -m mixedjax``: the ``mixedjax`` command line (:mod:`mixedjax.cli`).
 
-Fits a random-intercept model to the bundled dietox data (pig weights over time)
-and prints the summary::
+Without arguments it runs the seed example: a random-intercept model fitted to the bundled
+dietox data (pig weights over time), printing the summary::
 
     import mixedjax
     data = mixedjax.datasets.load("dietox")
     md = mixedjax.mixedlm("Weight ~ Time", data, groups=data["Pig"])
     mdf = md.fit()
     print(mdf.summary())
+
+With arguments it is the command line: ``python -m mixedjax fit sleepstudy "Reaction ~ Days +
+(Days | Subject)" --output json``, ``python -m mixedjax datasets`` (``--help`` lists the options).
 """
 
-import mixedjax
+from .cli import demo, main
 
-
-def main() -> None:
-    data = mixedjax.datasets.load("dietox")
-    md = mixedjax.mixedlm("Weight ~ Time", data, groups=data["Pig"])
-    mdf = md.fit()
-    print(mdf.summary())
-
+__all__ = ["demo", "main"]
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -298,6 +298,18 @@ class BatchResults:
         df["nobs"], df["n_dropped"] = self.nobs, self.n_dropped
         return df
 
+    def _repr_html_(self) -> str:
+        """Notebook display: how many models, the criterion and how many converged, then :meth:`to_frame`
+        (at most 20 rows shown)."""
+        n, ok = len(self), int(np.sum(self.converged))
+        head = (f"<p><b>BatchResults</b>: {n} model{'s' if n != 1 else ''} fitted by {'REML' if self.reml else 'ML'}"
+                f", {ok} converged</p>")
+        return head + self.to_frame().to_html(max_rows=20, float_format=lambda v: f"{v:.6g}")
+
+    def __repr__(self) -> str:
+        return (f"<BatchResults {len(self)} models {'REML' if self.reml else 'ML'}, "
+                f"{int(np.sum(self.converged))} converged>")
+
     def theta_params(self, m: int) -> np.ndarray:
         """Model ``m``'s estimate in statsmodels' packing (``params``: fixed effects, ``cov / scale`` of each term,
         residual parameters on their natural scale), a start for a single fit."""

@@ -24,6 +24,7 @@ from .inference import InferenceMixin
 from .optimize import Result
 from .residuals import describe as _residual_describe
 from .terms import diagonal_theta, factors_np
+from .tidy import result_dict, results_tables, tables_html, tables_latex, tidy_frame
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -51,13 +52,57 @@ class OptimSummary(NamedTuple):
 
 
 class Summary:
-    """Printable summary in statsmodels' MixedLM layout; ``tables`` holds the two tables as DataFrames."""
+    """Printable summary in statsmodels' MixedLM layout; ``tables`` holds the model information and the
+    coefficients as DataFrames (and, when given, ``variance``: lme4's ``VarCorr`` rows, a third table).
 
-    def __init__(self, title: str, info: list[tuple[str, str]], table: pd.DataFrame, extra: str = "") -> None:
+    ``as_text()`` (``str``), ``as_html()`` (also the notebook display) and ``as_latex()``, as
+    statsmodels' ``Summary``.
+    """
+
+    def __init__(self, title: str, info: list[tuple[str, str]], table: pd.DataFrame, extra: str = "",
+                 variance: pd.DataFrame | None = None) -> None:
         self.title = title
         self.info = info
         self.tables = [pd.DataFrame(info, columns=["", " "]), table]
+        if variance is not None:
+            self.tables.append(variance)
         self.extra = extra
+
+    def _html_tables(self) -> list[tuple[str, pd.DataFrame]]:
+        out = [("", self.tables[1])]
+        if len(self.tables) > 2:
+            out.append(("Random effects (variances, sd / correlations)", self.tables[2].set_index("group")))
+        return out
+
+    def as_html(self) -> str:
+        """The summary as HTML tables (model information, coefficients, random effects), then the notes.
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> d = mixedjax.datasets.load("dyestuff")
+        >>> s = mixedjax.lmer("Yield ~ 1 + (1 | Batch)", d).summary()
+        >>> s.as_html().count("<table"), "REML" in s.as_html()
+        (3, True)
+        """
+        return tables_html(self.title, self.info, self._html_tables(), self.extra)
+
+    def as_latex(self) -> str:
+        r"""The summary as a LaTeX ``table`` (``tabular`` blocks of the model information, coefficients and
+        random effects; the notes below), as statsmodels' ``Summary.as_latex``.
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> d = mixedjax.datasets.load("dyestuff")
+        >>> tex = mixedjax.lmer("Yield ~ 1 + (1 | Batch)", d).summary().as_latex()
+        >>> tex.startswith("\\begin{table}"), tex.count("\\begin{tabular}")
+        (True, 3)
+        """
+        return tables_latex(self.title, self.info, self._html_tables(), self.extra)
+
+    def _repr_html_(self) -> str:
+        return self.as_html()
 
     def as_text(self) -> str:
         table = self.tables[1]
@@ -232,6 +277,13 @@ class MixedLMResults(InferenceMixin):
         """Inverse observed information of the natural-scale variance parameters (each term's covariance
         entries, then the residual-structure parameters on their natural scale), σ² among them and β profiled
         (nlme's ``apVar``; statsmodels inverts the joint information, which gives the same block)."""
+        k = natural_size(self.fitted.backend)
+        return self.cov_natural_scale[:k, :k]
+
+    @functools.cached_property
+    def cov_natural_scale(self) -> np.ndarray:
+        """:attr:`cov_natural` with σ² (``scale``) as a last row and column: ``(k + 1, k + 1)``, the inverse
+        observed information of every variance parameter (the standard error of σ̂ in ``to_frame``)."""
         fm = self.fitted
         backend = fm.backend
         v = np.concatenate([natural_from_fit(backend, fm.theta_full, self.scale), [self.scale]])
@@ -241,7 +293,7 @@ class MixedLMResults(InferenceMixin):
         if np.all(np.isfinite(h)):
             try:
                 if np.linalg.eigvalsh(-h).min() > 0:
-                    return np.linalg.inv(-h)[:k, :k]
+                    return np.linalg.inv(-h)
             except np.linalg.LinAlgError:
                 pass
         # a variance on the boundary (θ diagonal 0): its derivative does not exist there; the others' information
@@ -256,7 +308,7 @@ class MixedLMResults(InferenceMixin):
             off += t.n_theta
         del diag
         keep = np.flatnonzero(~fixed)
-        out = np.full((k, k), np.nan)
+        out = np.full((k + 1, k + 1), np.nan)
         if not fixed.any():
             return out
         hs = np.asarray(info_natural_sub_jit(jnp.asarray(v[keep]), jnp.asarray(v), jnp.asarray(keep), backend,
@@ -267,8 +319,7 @@ class MixedLMResults(InferenceMixin):
             inv = np.linalg.inv(-hs)
         except np.linalg.LinAlgError:
             return out
-        sub = keep[keep < k]
-        out[np.ix_(sub, sub)] = inv[: len(sub), : len(sub)]
+        out[np.ix_(keep, keep)] = inv
         return out
 
     def cov_params(self) -> pd.DataFrame:
@@ -328,6 +379,8 @@ class MixedLMResults(InferenceMixin):
         modes, covs = jax.device_get(conditional_jit(fm.backend, jnp.asarray(fm.theta_full), fm.data,
                                                      jnp.asarray(fm.beta)))
         return [np.asarray(b) for b in modes], [self.scale * np.asarray(c) for c in covs]
+        modes, covs = conditional_jit(fm.backend, jnp.asarray(fm.theta_full), fm.data, jnp.asarray(fm.beta))
+        # a group axis sharded over processes (distributed=True) is gathered on every process
 
     def _per_group(self, covariance: bool) -> dict:
         """statsmodels' layout: ``{group label: Series}`` (or DataFrame covariances), every term of the group."""
@@ -511,7 +564,57 @@ class MixedLMResults(InferenceMixin):
             notes.append("The fit is singular (boundary estimate); see result.optim.")
         if not self.converged:
             notes.append(f"Not converged: {self.optim.message}.")
-        return Summary("Mixed Linear Model Regression Results", info, df, "\n".join(notes))
+        return Summary("Mixed Linear Model Regression Results", info, df, "\n".join(notes), variance=self.varcorr())
+
+    # ------------------------------------------------------------------------------------- tidy output
+    def to_frame(self, ddf: str | None = "satterthwaite", ran_pars_ci: str | None = None,
+                 alpha: float = 0.05) -> pd.DataFrame:
+        """One row per parameter with the columns of R's ``broom.mixed::tidy``.
+
+        ``effect, group, term, estimate, std_error, statistic, df, p_value, conf_low,
+        conf_high``: the fixed effects (t tests with ``ddf``: ``"satterthwaite"``,
+        ``"kenward-roger"`` or None for Wald z tests), then per random-effects term the sds
+        and correlations (``sd__(Intercept)``, ``cor__(Intercept).Days``), the residual sd
+        (``sd__Observation``, group ``"Residual"``) and the residual-structure parameters
+        (``sd_ratio__<level>``, ``phi__AR1``).  ``ran_pars_ci``: None (default: no standard
+        errors or intervals for the variance rows, as broom.mixed), ``"wald"`` (delta method
+        from the observed information, nlme's intervals) or ``"profile"`` (lme4's profile
+        intervals).  See :func:`mixedjax.tidy.tidy_frame`.
+
+        Examples
+        --------
+        >>> import mixedjax
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> r = mixedjax.lmer("Reaction ~ Days + (Days | Subject)", d)
+        >>> t = r.to_frame()
+        >>> t.loc[1, ["term", "df"]].tolist()[0], round(float(t.loc[1, "df"]), 3)  # lmerTest: 17
+        ('Days', 17.0)
+        """
+        return tidy_frame(self, ddf=ddf, ran_pars_ci=ran_pars_ci, alpha=alpha)
+
+    def to_dict(self, ddf: str | None = "satterthwaite", ran_pars_ci: str | None = None,
+                alpha: float = 0.05) -> dict:
+        """The fit as a JSON-serialisable dictionary (NaN and infinities as None): what ``mixedjax fit
+        --output json`` prints.  ``llf, aic, bic, converged, fe_params, bse_fe, varcorr`` (lme4's
+        ``as.data.frame(VarCorr())`` rows: ``grp, var1, var2, vcov, sdcor``), ``nobs``, ``method``, the
+        model's description and ``tidy`` (the rows of :meth:`to_frame`); see :func:`mixedjax.tidy.result_dict`.
+
+        Examples
+        --------
+        >>> import json, mixedjax
+        >>> d = mixedjax.datasets.load("sleepstudy")
+        >>> out = mixedjax.lmer("Reaction ~ Days + (Days | Subject)", d).to_dict(ddf=None)
+        >>> out["method"], round(out["fe_params"]["Days"], 4), out["varcorr"][2]["var2"]
+        ('REML', 10.4673, 'Days')
+        >>> json.loads(json.dumps(out, allow_nan=False))["nobs"]
+        180
+        """
+        return result_dict(self, ddf=ddf, ran_pars_ci=ran_pars_ci, alpha=alpha)
+
+    def _repr_html_(self) -> str:
+        """A brief HTML view in notebooks (lme4's ``print(fit)``: estimates, no extra computation); the full
+        tables are ``summary()``."""
+        return tables_html(*results_tables(self))
 
     # ------------------------------------------------------------ plots (mixedjax.plots, the plot extra)
     def plot_ranef(self, alpha: float = 0.05, figsize: tuple[float, float] | None = None) -> Figure:

@@ -20,7 +20,7 @@ LAYERS = [
     {"likelihood", "residuals", "crossed_data", "crossed_likelihood", "lindstrom_bates"},
     {"backends"},
     {"fit"},
-    {"ddf", "profile", "bootstrap", "predict", "many", "term_tests", "plots"},
+    {"ddf", "profile", "bootstrap", "predict", "many", "term_tests", "plots", "tidy"},
     {"inference"},
     {"results"},
     {"model"},
