@@ -32,7 +32,9 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -381,3 +383,47 @@ def sums_meta(q: int, p: int) -> pd.DataFrame:
     out = pd.DataFrame({f"s{j}": pd.Series([], dtype=float) for j in range(k)})
     out.insert(0, "group", pd.Series([], dtype=np.int64))
     return out
+
+
+def head_rows(frame: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The first ``n`` rows of a piece (the rows on which the designs' kinds of columns are read)."""
+    return frame.head(n)
+
+
+def _bound(fn: Callable, args: tuple) -> Callable:
+    return lambda *first: fn(*first, *args)
+
+
+class Shipped:
+    """``fn(piece, *args)`` for Dask tasks, pickled as cloudpickle bytes carrying this module's code by value.
+
+    Dask's serialiser uses plain ``pickle`` where it can, which would name
+    ``mixedjax.crossprod`` and make every worker import mixedjax (and with it JAX).  A
+    ``Shipped`` pickles to ``cloudpickle.loads(<bytes>)``: the worker gets the function,
+    the module's functions it calls and the plan's classes themselves, and imports only
+    numpy, pandas, formulaic and cloudpickle.
+
+    Examples
+    --------
+    >>> import pickle
+    >>> f = pickle.loads(pickle.dumps(Shipped(head_rows, 1)))
+    >>> f(pd.DataFrame({"a": [1, 2]})).shape
+    (1, 1)
+    """
+
+    def __init__(self, fn: Callable, *args: Any) -> None:
+        self.fn = fn
+        self.args = args
+        self.token = uuid.uuid4().hex
+
+    def __call__(self, *first: Any) -> Any:
+        return self.fn(*first, *self.args)
+
+    def __reduce__(self) -> tuple:
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        return cloudpickle.loads, (cloudpickle.dumps(_bound(self.fn, self.args)),)
+
+    def __dask_tokenize__(self) -> str:
+        return self.token

@@ -27,6 +27,7 @@ import pandas as pd
 from formulaic.errors import DataMismatchWarning
 
 from . import formula as fml
+from .crossprod import ROWS_NOT_KEPT
 from .distributions import stats
 
 if TYPE_CHECKING:
@@ -359,6 +360,8 @@ def predict(res: MixedLMResults, exog: Any = None, conditional: bool = False, se
     index = None
     zb = None
     if exog is None:
+        if m.exog is None:
+            raise NotImplementedError(ROWS_NOT_KEPT.format(what="predict() on the fitted rows (without new data)"))
         x = np.asarray(m.exog, float)
         data = getattr(m, "data", None)
         index = data.index if data is not None and len(data) == m.nobs else None

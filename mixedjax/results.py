@@ -11,7 +11,6 @@ import functools
 import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -23,6 +22,7 @@ from .fit import ConvergenceWarning, FittedModel
 from .inference import InferenceMixin
 from .optimize import Result
 from .residuals import describe as _residual_describe
+from .sharding import gather_rows
 from .terms import diagonal_theta, factors_np
 from .tidy import result_dict, results_tables, tables_html, tables_latex, tidy_frame
 
@@ -376,9 +376,9 @@ class MixedLMResults(InferenceMixin):
         """Per term, conditional modes ``(l_k, q_k)`` and conditional covariances ``(l_k, q_k, q_k)``
         (natural scale: lme4's ``ranef(condVar = TRUE)``)."""
         fm = self.fitted
-        modes, covs = jax.device_get(conditional_jit(fm.backend, jnp.asarray(fm.theta_full), fm.data,
-                                                     jnp.asarray(fm.beta)))
-        return [np.asarray(b) for b in modes], [self.scale * np.asarray(c) for c in covs]
+        modes, covs = conditional_jit(fm.backend, jnp.asarray(fm.theta_full), fm.data, jnp.asarray(fm.beta))
+        # a group axis sharded over processes (distributed=True) is gathered on every process
+        return [gather_rows(b) for b in modes], [self.scale * gather_rows(c) for c in covs]
         modes, covs = conditional_jit(fm.backend, jnp.asarray(fm.theta_full), fm.data, jnp.asarray(fm.beta))
         # a group axis sharded over processes (distributed=True) is gathered on every process
 

@@ -67,7 +67,7 @@ def _pad_axis0(a: Any, g: int) -> Any:
 def _cross_products(packed: jax.Array, q: int, p: int) -> CrossProducts:
     s = unpack(packed, q, p, xp=jnp)
     return CrossProducts(s.ztz, s.ztx, s.zty, s.xtx, s.xty, s.yty, s.n, jnp.sum(s.logw), jnp.sum(s.n),
-                         jnp.sum(s.n > 0).astype(packed.dtype))
+                         jnp.sum(s.n > 0))  # the dtypes of mixedjax.data.cross_products
 
 
 def cross_products(packed: Any, q: int, p: int, g_pad: int, mesh: Mesh | None = None) -> CrossProducts:

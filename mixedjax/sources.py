@@ -61,7 +61,16 @@ import pandas as pd
 from . import crossprod as cpm
 from . import formula as fml
 from . import sharding
-from .crossprod import DesignPlan, LevelPlan, frame_levels, frame_sums, merge_levels, ordered_levels, packed_size
+from .crossprod import (
+    DesignPlan,
+    LevelPlan,
+    Shipped,
+    frame_levels,
+    frame_sums,
+    merge_levels,
+    ordered_levels,
+    packed_size,
+)
 
 DEFAULT_BATCH_ROWS = 1 << 19
 
@@ -151,13 +160,13 @@ class ParquetPieces(Pieces):
 
 
 class DaskPieces(Pieces):
-    """A Dask DataFrame: both passes as Dask tasks; the workers run :mod:`mixedjax.crossprod` (shipped by value)."""
+    """A Dask DataFrame: both passes as Dask tasks running :mod:`mixedjax.crossprod`'s numpy functions.
+
+    The functions travel by value (:class:`mixedjax.crossprod.Shipped`): the workers need
+    neither JAX nor mixedjax.
+    """
 
     def __init__(self, ddf: Any) -> None:
-        import cloudpickle  # dask's serialiser
-
-        # the workers get the numpy kernels' code itself: they need neither JAX nor mixedjax installed
-        cloudpickle.register_pickle_by_value(cpm)
         self.ddf = ddf
         self.description = f"Dask DataFrame ({ddf.npartitions} partitions)"
 
@@ -166,19 +175,20 @@ class DaskPieces(Pieces):
         return [str(c) for c in self.ddf.columns]
 
     def head(self, columns: list[str], n: int) -> pd.DataFrame:
-        with warnings.catch_warnings():  # "fewer rows than requested" from a small first partition
-            warnings.simplefilter("ignore", UserWarning)
-            return self.ddf[columns].head(n, npartitions=1, compute=True)
+        import dask
+
+        first = self.ddf[columns].to_delayed()[0]
+        return dask.delayed(Shipped(cpm.head_rows, n), pure=True)(first).compute()
 
     def levels(self, plan: LevelPlan) -> dict:
         import dask
 
         parts = self.ddf[list(plan.columns)].to_delayed()
-        one = dask.delayed(cpm.frame_levels, pure=True)
-        return dask.delayed(cpm.merge_levels, pure=True)([one(part, plan) for part in parts]).compute()
+        one = dask.delayed(Shipped(cpm.frame_levels, plan), pure=True)
+        return dask.delayed(Shipped(cpm.merge_levels), pure=True)([one(part) for part in parts]).compute()
 
     def sums(self, plan: DesignPlan, q: int, p: int, n_groups: int) -> np.ndarray:
-        per_piece = self.ddf[list(plan.columns)].map_partitions(cpm.frame_sums_frame, plan,
+        per_piece = self.ddf[list(plan.columns)].map_partitions(Shipped(cpm.frame_sums_frame, plan),
                                                                 meta=cpm.sums_meta(q, p), align_dataframes=False)
         total = per_piece.groupby("group").sum().compute()
         acc = np.zeros((n_groups, packed_size(q, p)))
@@ -233,10 +243,14 @@ def _categorical_columns(formulas: list[str], probe: pd.DataFrame) -> set[str]:
     for f in formulas:
         if fml.as_rhs(f) in ("0", "-1", "1", ""):
             continue
+        if _STATEFUL.search(f):
+            raise NotImplementedError(f"the formula {f!r} has a data-dependent transform (center, scale, splines, "
+                                      "poly, ...): out of memory its state would come from part of the data. "
+                                      "Compute the column before writing the data, or fit in memory")
         spec = fml.design(f, probe).attrs.get("model_spec")
         if spec is None:
             continue
-        if spec.transform_state or _STATEFUL.search(f):
+        if spec.transform_state:
             raise NotImplementedError(f"the formula {f!r} has a data-dependent transform (center, scale, splines, "
                                       "poly, ...): out of memory its state would come from part of the data. "
                                       "Compute the column before writing the data, or fit in memory")
@@ -408,6 +422,7 @@ def prepare(data: Any, response: str, fixed: str, random: Sequence[str], group: 
         probes = sharding.allgather_objects(probe)
         probe = next((p for p in probes if len(p)), probe)
     merged = merge_levels(parts)
+    merged["bad"] = {c: merged["bad"][c] for c in used if c in merged["bad"]}  # in the columns' order, as in memory
     if merged["bad"] and missing != "none":
         if missing == "raise":
             raise ValueError("missing or non-finite values: " + _missing_report(merged["bad"])
