@@ -379,8 +379,6 @@ class MixedLMResults(InferenceMixin):
         modes, covs = conditional_jit(fm.backend, jnp.asarray(fm.theta_full), fm.data, jnp.asarray(fm.beta))
         # a group axis sharded over processes (distributed=True) is gathered on every process
         return [gather_rows(b) for b in modes], [self.scale * gather_rows(c) for c in covs]
-        modes, covs = conditional_jit(fm.backend, jnp.asarray(fm.theta_full), fm.data, jnp.asarray(fm.beta))
-        # a group axis sharded over processes (distributed=True) is gathered on every process
 
     def _per_group(self, covariance: bool) -> dict:
         """statsmodels' layout: ``{group label: Series}`` (or DataFrame covariances), every term of the group."""
