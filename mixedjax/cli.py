@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import pathlib
 import sys
 import warnings
@@ -89,7 +90,7 @@ def read_data(source: str) -> pd.DataFrame:
         if suffixes and suffixes[-1] in PARQUET_SUFFIXES:
             if importlib.util.find_spec("pyarrow") is None:
                 raise CommandError(f"reading the Parquet file {source!r} needs the optional dependency pyarrow, "
-                                   "which is not installed: pip install pyarrow")
+                                   "which is not installed: pip install pyarrow (or pip install \"mixedjax[parquet]\")")
             return pd.read_parquet(path)
         tab = any(s in (".tsv", ".tab") for s in suffixes)
         try:
@@ -289,6 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             return args.func(args)
+        except BrokenPipeError:  # the reader went away (mixedjax ... | head): stop quietly, as the docs advise
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            raise SystemExit(1) from None
         except (CommandError, *INPUT_ERRORS) as e:
             print(f"mixedjax: error: {_one_line(e)}", file=sys.stderr)
             raise SystemExit(EXIT_USAGE) from None

@@ -101,7 +101,7 @@ def test_parquet_without_pyarrow(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
     code, out, err = run(capsys, "fit", str(path), SLEEP)
     assert code == 2 and out == ""
-    assert err.count("\n") == 1 and "pyarrow" in err and "pip install pyarrow" in err
+    assert err.count("\n") == 1 and "needs the optional dependency pyarrow" in err and "mixedjax[parquet]" in err
 
 
 def test_parquet_file(capsys, tmp_path, sleep):
@@ -151,6 +151,17 @@ def test_empty_and_non_numeric_files(capsys, tmp_path):
 def test_usage_errors_exit_2(capsys, argv):
     code, out, err = run(capsys, *argv)
     assert code == 2 and out == "" and "usage: mixedjax" in err
+
+
+def test_closed_stdout_stops_quietly(capsys, monkeypatch):
+    """``mixedjax ... | head``: the reader closes the pipe; no error line, status 1 (Python's documented advice)."""
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "datasets_command", closed)
+    code, out, err = run(capsys, "datasets")
+    assert code == 1 and err == ""
 
 
 # ------------------------------------------------------------------------------------------- datasets
