@@ -22,6 +22,7 @@ from test_matrix import KINDS
 
 import mixedjax
 from mixedjax import tidy
+from mixedjax.many import BatchOut, BatchResults
 
 REF = pathlib.Path(__file__).parent / "reference"
 COLUMNS = ["effect", "group", "term", "estimate", "std_error", "statistic", "df", "p_value", "conf_low", "conf_high"]
@@ -259,10 +260,16 @@ def test_summary_html_and_latex(sleep):
     assert len(s.tables) == 3 and list(s.tables[2].columns) == ["group", "var1", "var2", "vcov", "sdcor"]
 
 
-def test_batch_results_repr():
-    d = mixedjax.datasets.load("dyestuff")
-    y = d["Yield"].to_numpy()[:, None] + np.random.default_rng(0).normal(0, 10, (len(d), 3))
-    batch = mixedjax.mixedlm("Yield ~ 1", d, groups="Batch").fit_many(y)
+def test_batch_results_repr(sleep):
+    """A BatchResults of three copies of one fit (built from its numbers: the display needs no batched fit)."""
+    fm, m = sleep.fitted, 3
+    out = BatchOut(theta=np.tile(fm.theta_full, (m, 1)), deviance=np.full(m, -2 * sleep.llf),
+                   beta=np.tile(fm.beta, (m, 1)), sigma2=np.full(m, sleep.scale),
+                   a=np.tile(sleep.scale * np.linalg.inv(fm.cov_beta), (m, 1, 1)), grad_norm=np.zeros(m),
+                   iterations=np.ones(m, int), result=np.zeros(m, int), nobs=np.full(m, sleep.nobs))
+    y = np.tile(sleep.model.endog[:, None], (1, m))
+    batch = BatchResults(sleep.model, y, out, True, ["y0", "y1", "y2"])
+    np.testing.assert_allclose(batch.bse_fe[0], sleep.bse_fe, rtol=1e-10)
     page = batch._repr_html_()
     assert "3 models fitted by REML" in page and "<table" in page and "Intercept" in page
     assert repr(batch).startswith("<BatchResults 3 models REML")
