@@ -404,6 +404,13 @@ def select_parameters(pars: list[Parameter], names: list[str] | None) -> list[Pa
     """The entries of ``pars`` named in ``names`` (in ``pars``' order; all for ``None``).
 
     ``"Intercept"`` names ``"(Intercept)"``; an unknown name raises :class:`ValueError` listing the known ones.
+
+    Examples
+    --------
+    >>> import mixedjax
+    >>> r = mixedjax.lmer("Yield ~ 1 + (1 | Batch)", mixedjax.datasets.load("dyestuff"))
+    >>> [p.name for p in select_parameters(lme4_parameters(r), ["Intercept", "sigma"])]
+    ['sigma', '(Intercept)']
     """
     if names is None:
         return list(pars)
