@@ -181,6 +181,13 @@ class LevelPlan:
     missing: str = "raise"
 
 
+def plain_strings(frame: pd.DataFrame) -> pd.DataFrame:
+    """String columns with ``pd.NA`` (``string[pyarrow]``, Dask's default) as pandas' default ``str``, which
+    formulaic codes as a factor (it takes the ``pd.NA`` kind for values)."""
+    cols = [c for c in frame.columns if isinstance(frame[c].dtype, pd.StringDtype) and frame[c].dtype.na_value is pd.NA]
+    return frame.astype({c: "str" for c in cols}) if cols else frame
+
+
 def finite_rows(frame: pd.DataFrame, columns: Iterable[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``(rows with no missing or non-finite value in columns, per column its bad-row mask)``."""
     keep = np.ones(len(frame), dtype=bool)
@@ -219,7 +226,7 @@ def frame_levels(frame: pd.DataFrame, plan: LevelPlan) -> dict:
     >>> out["kept"], out["bad"]["y"], out["groups"], out["levels"]["s"]
     (2, (1, 1), ('values', ['b']), ('values', ['u', 'w']))
     """
-    frame = frame[list(plan.columns)]
+    frame = plain_strings(frame[list(plan.columns)])
     for col in (plan.response, plan.weights):
         if col is not None and (not pd.api.types.is_numeric_dtype(frame[col]) or
                                 pd.api.types.is_bool_dtype(frame[col])):
@@ -322,7 +329,7 @@ def _design(spec: Any, frame: pd.DataFrame) -> np.ndarray:
 
 def frame_rows(frame: pd.DataFrame, plan: DesignPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(group codes (n,), whitened [Z | X | y] (n, m), log w (n,) or None)`` of a piece's complete rows."""
-    frame = frame[list(plan.columns)]
+    frame = plain_strings(frame[list(plan.columns)])
     keep, _ = finite_rows(frame, plan.columns)
     if not keep.all():
         frame = frame.loc[keep]

@@ -411,7 +411,7 @@ def prepare(data: Any, response: str, fixed: str, random: Sequence[str], group: 
             raise ValueError(f"weights column {weights!r} is not in the data")
         used.append(weights)
     used = list(dict.fromkeys(used))
-    probe = pieces.head(used, 1000)
+    probe = cpm.plain_strings(pieces.head(used, 1000))
     if not distributed and len(probe) == 0:
         raise ValueError("no observations: the data are empty")
     categorical = _categorical_columns([fixed, *random], probe) - {group}
