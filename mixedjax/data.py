@@ -55,6 +55,12 @@ class CrossProducts(NamedTuple):
     ngroups: Array
 
 
+ROW_DOT_MIN = 32
+"""Padded group length above which :func:`cross_products` forms each group's products as a matrix product:
+XLA's CPU batched dot of 1M groups of 10 rows is ~15x slower than a broadcast product summed over the rows,
+of 1,000 groups of 10,000 rows ~1.5x faster."""
+
+
 def cross_products(data: GroupedData) -> CrossProducts:
     """Cross-products of the whitened padded blocks (pure JAX, differentiable in the data).
 
@@ -72,13 +78,19 @@ def cross_products(data: GroupedData) -> CrossProducts:
     z = data.z * sw[..., None]
     n = jnp.sum(data.mask, axis=1)
     logw = jnp.where(data.mask > 0, jnp.log(jnp.where(data.mask > 0, data.w, 1.0)), 0.0)
+    if y.shape[-1] <= ROW_DOT_MIN:  # short groups: broadcast products summed over rows (a dot per group is slower)
+        def gram(a, b):
+            return jnp.sum(a[..., :, None] * b[..., None, :], axis=-3)
+    else:
+        def gram(a, b):
+            return jnp.einsum("...ni,...nj->...ij", a, b)
     return CrossProducts(
-        ztz=jnp.einsum("gni,gnj->gij", z, z),
-        ztx=jnp.einsum("gni,gnj->gij", z, x),
-        zty=jnp.einsum("gni,gn->gi", z, y),
-        xtx=jnp.einsum("gni,gnj->gij", x, x),
-        xty=jnp.einsum("gni,gn->gi", x, y),
-        yty=jnp.einsum("gn,gn->g", y, y),
+        ztz=gram(z, z),
+        ztx=gram(z, x),
+        zty=gram(z, y[..., None])[..., 0],
+        xtx=gram(x, x),
+        xty=gram(x, y[..., None])[..., 0],
+        yty=jnp.sum(y * y, axis=-1),
         n=n,
         sum_logw=jnp.sum(logw),
         nobs=jnp.sum(n),
@@ -152,9 +164,10 @@ def pad_groups(
     za = np.zeros((g_pad, n_pad, q))
     wa = np.zeros((g_pad, n_pad))
     ma = np.zeros((g_pad, n_pad))
-    ya[gi.codes, gi.position] = y
-    xa[gi.codes, gi.position] = x
-    za[gi.codes, gi.position] = z
-    wa[gi.codes, gi.position] = w
-    ma[gi.codes, gi.position] = 1.0
+    flat = gi.codes * n_pad + gi.position  # one flat index for every array (2-D fancy indexing is ~2x slower)
+    ya.reshape(-1)[flat] = y
+    xa.reshape(-1, p)[flat] = x
+    za.reshape(-1, q)[flat] = z
+    wa.reshape(-1)[flat] = w
+    ma.reshape(-1)[flat] = 1.0
     return GroupedData(jnp.asarray(ya), jnp.asarray(xa), jnp.asarray(za), jnp.asarray(wa), jnp.asarray(ma))

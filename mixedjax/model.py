@@ -30,7 +30,7 @@ from .backends import (
 )
 from .covariance import CovStructure, psd_cholesky_np
 from .crossprod import ROWS_NOT_KEPT, aliased_from_gram
-from .data import bucket, cross_products_jit, group_index, pad_groups
+from .data import GroupIndex, bucket, cross_products_jit, group_index, pad_groups
 from .fit import fit as fit_driver
 from .many import fit_many
 from .results import MixedLMResults
@@ -385,6 +385,7 @@ class MixedLM(LinearMixedModel):
         *,
         _vc_designs: list[fml.VCDesign] | None = None,
         _names: dict | None = None,
+        _group_index: GroupIndex | None = None,
     ) -> None:
         names = dict(_names or {})
         y_raw = endog
@@ -451,7 +452,7 @@ class MixedLM(LinearMixedModel):
             raise ValueError(f"{nobs} observations cannot identify {x.shape[1]} fixed effects and a residual "
                              "variance")
 
-        gi = group_index(groups_arr)
+        gi = _group_index if _group_index is not None and not bad.any() else group_index(groups_arr)
         if bound is not None and bound.spec.ar1:  # AR(1): rows of a group in time order
             gi = gi._replace(position=residuals.time_positions(gi.codes, bound.time))
         self.residual = bound
@@ -527,7 +528,7 @@ class MixedLM(LinearMixedModel):
         """Names of the terms (:class:`TermInfo`), in the backend's θ order: the correlated block, then each
         variance component (``cask:Group`` levels for a factor's indicators).  ``lme4_labels`` (lmer models):
         the lme4 label of each variance component, by its name."""
-        labels = [str(v) for v in self.group_labels]
+        labels = np.asarray(self.group_labels, dtype=object).astype(str).tolist()
         info = []
         if self.k_re:
             names = tuple("(Intercept)" if n in ("Group", "Intercept") else n for n in self.exog_re_names)
@@ -920,13 +921,12 @@ def mixedlm(
         residual=residuals.bind(residual, frame, len(frame)),
         _vc_designs=vcs,
         _names={"endog_names": yname, "exog_names": list(x.columns), "exog_re_names": re_names,
-                "formula": formula},
+                "formula": formula, "group_name": str(gname)},
+        _group_index=gi,
     )
     model.data = frame
     # designs with their formulaic specs, for new data (prediction): fixed, random, variance components
     model.designs = {"fe": x, "re": None if not z_re.shape[1] else zdf, "vc": vdfs}
-    model.group_name = str(gname)
-    model.set_term_info()
     model.re_formula = re_formula
     model.vc_formula = dict(vc_formula or {})
     return model

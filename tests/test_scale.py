@@ -8,15 +8,20 @@ these cases run under a timeout so that a hang fails instead of eating CI's time
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
+import mixedjax
 from mixedjax.covariance import CovStructure
 from mixedjax.data import GroupedData, cross_products
 from mixedjax.likelihood import deviance
 from mixedjax.model import fit_theta
+from mixedjax.optimize import tol_scale
 
 RS = CovStructure(q_re=2, re_names=("Group", "x"))
 
@@ -54,3 +59,24 @@ def test_vmapped_fit_1000_models():
     assert sol.x.shape == (1000, 3)
     assert np.all(np.isfinite(np.asarray(sol.value)))
     assert np.mean(np.asarray(sol.converged)) > 0.99
+
+
+@pytest.mark.timeout(600)
+def test_converges_at_one_million_groups():
+    """Stopping rules relative to the size of the problem (issue 11): at 1M groups the deviance is ~6e6 and an
+    absolute gradient tolerance of 1e-6 sits below its rounding noise; the fit must still say converged."""
+    rng = np.random.default_rng(11)
+    n_groups, per = 1_000_000, 2
+    g = np.repeat(np.arange(n_groups), per)
+    x = rng.normal(size=g.size)
+    y = 1.0 + 0.5 * x + rng.normal(0, 1.0, n_groups)[g] + rng.normal(0, 0.5, n_groups)[g] * x \
+        + rng.normal(0, 1.0, g.size)
+    df = pd.DataFrame({"y": y, "x": x, "g": g})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mixedjax.ConvergenceWarning)
+        r = mixedjax.mixedlm("y ~ x", df, groups="g", re_formula="~x").fit()
+    assert r.converged, r.optim.message
+    assert abs(r.optim.deviance) > 1e6  # the regime where the tolerance is relative
+    assert r.optim.grad_norm <= 1e-6 * float(tol_scale(r.optim.deviance))
+    # at the optimum: the truth (sd 1, 0.5; residual sd 1) is recovered to sampling error
+    assert abs(r.fe_params["x"] - 0.5) < 0.01 and abs(np.sqrt(r.scale) - 1.0) < 0.01
