@@ -9,9 +9,10 @@ import pathlib
 import tempfile
 import warnings
 
-# The suite's own throw-away compilation cache (mixedjax.cache), never the user's; shared by the suite's
-# pytest processes of one run when CI sets MIXEDJAX_CACHE_DIR.
-os.environ.setdefault("MIXEDJAX_CACHE_DIR", tempfile.mkdtemp(prefix="mixedjax-test-cache-"))
+# The suite's own throw-away compilation cache (mixedjax.cache) in the temporary directory, never the user's:
+# modules whose compiled programs conftest drops (below) reload them from it, and the suite's two pytest
+# processes share it.
+os.environ.setdefault("MIXEDJAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"mixedjax-test-cache-{os.getuid()}"))
 
 import jax
 import numpy as np
