@@ -68,7 +68,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from . import terms as tm
-from .backends import SINGLE_FIT, cov_beta_vp, deviance_vp
+from .backends import SINGLE_FIT, cov_beta_vp, deviance_vp, jacobian_transform
 from .fit import FittedModel
 
 KR_MAX_BLOCK = 6000
@@ -87,13 +87,20 @@ class FittedResults(Protocol):
 
 
 # ------------------------------------------------------------------------------------------ Satterthwaite
-# Reverse over reverse (the crossed backend's dense Cholesky has a custom VJP, no forward rule); compiled at
-# XLA optimisation level 0 like a single fit (sleepstudy random slope: ~4 s instead of ~19 s, same run time).
-_hessian_vp = jax.jit(jax.jacrev(jax.grad(deviance_vp, argnums=1), argnums=1), static_argnames=("backend",),
-                      compiler_options=SINGLE_FIT)
+# Forward over reverse where the backend allows it, reverse over reverse on crossed models (their dense
+# Cholesky has a custom VJP, no forward rule): backends.jacobian_transform.  Compiled at XLA optimisation
+# level 0 like a single fit (sleepstudy random slope: ~4 s instead of ~19 s, same run time).
+def _hessian_vp_fun(backend: Any, vp: Any, data: Any, reml: Any) -> Any:
+    return jacobian_transform(backend)(jax.grad(deviance_vp, argnums=1), argnums=1)(backend, vp, data, reml)
+
+
+def _jacobian_cov_vp_fun(backend: Any, vp: Any, data: Any) -> Any:
+    return jacobian_transform(backend)(cov_beta_vp, argnums=1)(backend, vp, data)
+
+
+_hessian_vp = jax.jit(_hessian_vp_fun, static_argnames=("backend",), compiler_options=SINGLE_FIT)
 _hessian_vp.__doc__ = "Hessian of :func:`mixedjax.backends.deviance_vp` in ``vp = concat(θ, ρ, σ)``."
-_jacobian_cov_vp = jax.jit(jax.jacrev(cov_beta_vp, argnums=1), static_argnames=("backend",),
-                           compiler_options=SINGLE_FIT)
+_jacobian_cov_vp = jax.jit(_jacobian_cov_vp_fun, static_argnames=("backend",), compiler_options=SINGLE_FIT)
 _jacobian_cov_vp.__doc__ = "Jacobian ``(p, p, k)`` of :func:`mixedjax.backends.cov_beta_vp` in ``vp``."
 
 
