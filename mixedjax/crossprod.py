@@ -14,19 +14,20 @@ the rest of mixedjax (:mod:`mixedjax.sources` ships this module's code to the wo
 value).
 
 Layout: the cross-products of one group are the upper triangle of the Gram matrix of
-``[Z | X | y]`` (``m = q + p + 1`` columns), then ``n`` and ``Σ log w``: one row of
-``m (m + 1) / 2 + 2`` numbers (:func:`packed_size`), so that a piece's result is a
-``(groups, K)`` array (or a DataFrame with a ``group`` column) and the sum over pieces
-is a per-group sum.
+``U = [X | Z columns not in X | y]`` (``m`` columns; a random intercept and slope on
+columns of X add none), then ``n`` and ``Σ log w``: one row of ``m (m + 1) / 2 + 2``
+numbers (:func:`packed_size`), so that a piece's result is a ``(groups, K)`` array (or a
+DataFrame with a ``group`` column) and the sum over pieces is a per-group sum.
+``z_index`` gives each column of Z its column of ``U`` (:func:`unpack`).
 
 Examples
 --------
 >>> import numpy as np
 >>> codes = np.array([0, 1, 0, 1, 1])
->>> cols = np.column_stack([np.ones(5), np.arange(5.0), np.arange(5.0) ** 2])  # z = 1, x, y
+>>> cols = np.column_stack([np.ones(5), np.arange(5.0), np.arange(5.0) ** 2])  # x = (1, t), y
 >>> groups, packed = group_gram(codes, cols)
->>> s = unpack(packed, q=1, p=1, groups=groups, n_groups=2)
->>> s.n.tolist(), s.ztx[:, 0, 0].tolist(), s.yty.tolist()
+>>> s = unpack(packed, p=2, z_index=(0,), groups=groups, n_groups=2)  # z = the intercept
+>>> s.n.tolist(), s.ztx[:, 0, 1].tolist(), s.yty.tolist()
 ([2.0, 3.0], [2.0, 8.0], [16.0, 338.0])
 """
 
@@ -71,9 +72,8 @@ class GroupSums(NamedTuple):
         return float(self.logw.sum())
 
 
-def packed_size(q: int, p: int) -> int:
-    """Numbers per group in the packed layout: the Gram triangle of ``[Z | X | y]``, ``n``, ``Σ log w``."""
-    m = q + p + 1
+def packed_size(m: int) -> int:
+    """Numbers per group in the packed layout: the Gram triangle of the ``m`` columns ``U``, ``n``, ``Σ log w``."""
     return m * (m + 1) // 2 + 2
 
 
@@ -81,7 +81,7 @@ def group_gram(codes: np.ndarray, cols: np.ndarray, logw: np.ndarray | None = No
                n_groups: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-group Gram triangles of ``cols``, row counts and ``Σ log w``: ``(groups present, packed (u, K))``.
 
-    ``codes (n,)`` group index of each row, ``cols (n, m)`` the whitened ``[Z | X | y]``.
+    ``codes (n,)`` group index of each row, ``cols (n, m)`` the whitened ``U = [X | Z not in X | y]``.
     One ``np.bincount`` per entry of the triangle over the groups of this piece (compacted
     first, so the cost is O(n m²) whatever the total number of groups).  With ``n_groups``
     every group ``0 .. n_groups - 1`` gets a row (dense), else only those present.
@@ -97,16 +97,18 @@ def group_gram(codes: np.ndarray, cols: np.ndarray, logw: np.ndarray | None = No
     m = cols.shape[1]
     iu, ju = np.triu_indices(m)
     out = np.empty((u, len(iu) + 2))
+    ct = np.ascontiguousarray(cols.T)  # contiguous columns for the products
     for k, (i, j) in enumerate(zip(iu, ju, strict=True)):
-        out[:, k] = np.bincount(local, weights=cols[:, i] * cols[:, j], minlength=u)
+        out[:, k] = np.bincount(local, weights=ct[i] * ct[j], minlength=u)
     out[:, -2] = np.bincount(local, minlength=u)
     out[:, -1] = 0.0 if logw is None else np.bincount(local, weights=logw, minlength=u)
     return groups, out
 
 
-def unpack(packed: Any, q: int, p: int, groups: np.ndarray | None = None, n_groups: int | None = None,
-           xp: Any = np) -> GroupSums:
-    """:class:`GroupSums` of packed rows (``groups``: their group codes, scattered into ``n_groups`` rows).
+def unpack(packed: Any, p: int, z_index: Iterable[int], groups: np.ndarray | None = None,
+           n_groups: int | None = None, xp: Any = np) -> GroupSums:
+    """:class:`GroupSums` of packed rows: ``p`` columns of X first in ``U``, ``z_index`` the column of ``U`` of
+    each column of Z (``groups``: the rows' group codes, scattered into ``n_groups`` rows).
 
     ``xp``: the array module (``numpy``, or ``jax.numpy`` for packed rows on devices: the
     same gathers, so a sharded group axis stays sharded).
@@ -115,15 +117,20 @@ def unpack(packed: Any, q: int, p: int, groups: np.ndarray | None = None, n_grou
         dense = np.zeros((int(n_groups), np.shape(packed)[1]))
         dense[np.asarray(groups, dtype=np.int64)] = np.asarray(packed, dtype=float)
         packed = dense
-    m = q + p + 1
+    k = np.shape(packed)[1] - 2
+    m = int(round((np.sqrt(8 * k + 1) - 1) / 2))
     iu, ju = np.triu_indices(m)
     entry = np.zeros((m, m), dtype=np.int64)
     entry[iu, ju] = np.arange(len(iu))
     entry[ju, iu] = np.arange(len(iu))
-    gram = xp.take(packed, entry.reshape(-1), axis=1).reshape((-1, m, m))
-    zs, xs = slice(0, q), slice(q, q + p)
-    return GroupSums(gram[:, zs, zs], gram[:, zs, xs], gram[:, zs, -1], gram[:, xs, xs], gram[:, xs, -1],
-                     gram[:, -1, -1], packed[:, -2], packed[:, -1])
+    zi, xi = np.asarray(list(z_index), dtype=np.int64), np.arange(p)
+
+    def block(rows: np.ndarray, cols: np.ndarray) -> Any:
+        return xp.take(packed, entry[np.ix_(rows, cols)].reshape(-1), axis=1).reshape((-1, len(rows), len(cols)))
+
+    y = np.array([m - 1])
+    return GroupSums(block(zi, zi), block(zi, xi), block(zi, y)[..., 0], block(xi, xi), block(xi, y)[..., 0],
+                     packed[:, entry[m - 1, m - 1]], packed[:, -2], packed[:, -1])
 
 
 def aliased_from_gram(gram: np.ndarray, names: list[str], nobs: int, tol: float = 1e-9) -> list[str]:
@@ -203,11 +210,12 @@ def finite_rows(frame: pd.DataFrame, columns: Iterable[str]) -> tuple[np.ndarray
     return keep, bad
 
 
-def _values_in_order(s: pd.Series) -> tuple[str, list]:
-    """``("categories", all categories)`` of a categorical column, else ``("values", unique values)``."""
+def _values_in_order(s: pd.Series) -> tuple[str, Any]:
+    """``("categories", all categories)`` of a categorical column, else ``("values", unique values)`` (an array,
+    in order of first appearance)."""
     if isinstance(s.dtype, pd.CategoricalDtype):
         return "categories", list(s.cat.categories)
-    return "values", list(pd.unique(s.to_numpy()))
+    return "values", pd.unique(s.to_numpy())
 
 
 def frame_levels(frame: pd.DataFrame, plan: LevelPlan) -> dict:
@@ -223,8 +231,8 @@ def frame_levels(frame: pd.DataFrame, plan: LevelPlan) -> dict:
     --------
     >>> df = pd.DataFrame({"y": [1.0, np.nan, 3.0], "g": ["b", "a", "b"], "s": ["u", "v", "w"]})
     >>> out = frame_levels(df, LevelPlan(("y", "g", "s"), ("s",), "g", "y", missing="drop"))
-    >>> out["kept"], out["bad"]["y"], out["groups"], out["levels"]["s"]
-    (2, (1, 1), ('values', ['b']), ('values', ['u', 'w']))
+    >>> out["kept"], out["bad"]["y"], out["groups"][1].tolist(), out["levels"]["s"][1].tolist()
+    (2, (1, 1), ['b'], ['u', 'w'])
     """
     frame = plain_strings(frame[list(plan.columns)])
     for col in (plan.response, plan.weights):
@@ -246,13 +254,15 @@ def frame_levels(frame: pd.DataFrame, plan: LevelPlan) -> dict:
     return out
 
 
-def _union(a: list, b: list) -> list:
-    """``a`` then the values of ``b`` not in ``a``, in order."""
-    if not a:
-        return list(b)
-    seen = pd.Index(a)
-    new = [v for v, hit in zip(b, seen.get_indexer(b) >= 0, strict=True) if not hit]
-    return list(a) + list(pd.unique(np.asarray(new, dtype=object))) if new else list(a)
+def _union(a: Any, b: Any) -> Any:
+    """``a`` then the values of ``b`` not in ``a``, in order (lists stay lists, arrays arrays)."""
+    if len(a) == 0:
+        return b
+    if isinstance(a, list):
+        seen = pd.Index(a)
+        new = [v for v, hit in zip(b, seen.get_indexer(list(b)) >= 0, strict=True) if not hit]
+        return a + list(dict.fromkeys(new))
+    return pd.unique(np.concatenate([np.asarray(a), np.asarray(b)]))
 
 
 def merge_levels(parts: Iterable[dict]) -> dict:
@@ -265,6 +275,9 @@ def merge_levels(parts: Iterable[dict]) -> dict:
     >>> m = merge_levels([a, b])
     >>> m["rows"], m["levels"]["s"], m["groups"]
     (3, ('values', ['v', 'u']), ('values', [2, 1, 3]))
+    >>> a["groups"], b["groups"] = ("values", np.array([2, 1])), ("values", np.array([3, 1]))
+    >>> merge_levels([a, b])["groups"][1].tolist()
+    [2, 1, 3]
     """
     out: dict[str, Any] = {"rows": 0, "kept": 0, "bad": {}, "levels": {}, "groups": None}
     for part in parts:
@@ -274,17 +287,17 @@ def merge_levels(parts: Iterable[dict]) -> dict:
             n0, f0 = out["bad"].get(c, (0, first))
             out["bad"][c] = (n0 + k, f0)
         for c, (kind, vals) in part["levels"].items():
-            k0, v0 = out["levels"].get(c, (kind, []))
-            out["levels"][c] = (k0 if k0 == kind else "values", _union(v0, vals))
+            k0, v0 = out["levels"].get(c, (kind, vals[:0]))
+            out["levels"][c] = (k0, _union(v0, vals)) if k0 == kind else ("values", _union(list(v0), list(vals)))
         kind, vals = part["groups"]
-        k0, v0 = out["groups"] or (kind, [])
-        out["groups"] = (k0 if k0 == kind else "values", _union(v0, vals))
+        k0, v0 = out["groups"] or (kind, vals[:0])
+        out["groups"] = (k0, _union(v0, vals)) if k0 == kind else ("values", _union(list(v0), list(vals)))
         if "groups_used" in part:
             out["groups_used"] = _union(out.get("groups_used", []), part["groups_used"])
     return out
 
 
-def ordered_levels(kind: str, values: list, used: list | None = None) -> list:
+def ordered_levels(kind: str, values: Any, used: Any = None) -> list:
     """The level order an in-memory fit gives: a categorical's categories (``used``: only those present, the
     grouping factor's rule), else the sorted values (pandas' ``factorize(sort=True)``, formulaic's order)."""
     if kind == "categories":
@@ -293,9 +306,9 @@ def ordered_levels(kind: str, values: list, used: list | None = None) -> list:
         present = set(used)
         return [v for v in values if v in present]
     try:
-        return sorted(values)
+        return np.sort(np.asarray(values)).tolist() if np.asarray(values).dtype.kind in "biuf" else sorted(values)
     except TypeError:  # mixed types: pandas' order
-        return list(pd.Index(values).sort_values())
+        return list(pd.Index(list(values)).sort_values())
 
 
 # ================================================================================== cross-products
@@ -305,7 +318,9 @@ class DesignPlan:
 
     ``fixed``: formulaic model spec of the fixed effects; ``random``: one spec per
     random-effects design (``None``: an intercept column); ``z_columns``: the columns of Z
-    as ``(design index, column index)``; ``labels``: the group ids in group order.  The
+    as ``(design index, column index)``, design ``-1`` being the fixed effects' (a column
+    of X is not repeated in ``U``; :meth:`z_index`); ``labels``: the group ids in group
+    order.  The
     specs were built on a frame holding every level of every categorical column (collected
     over all pieces by :func:`frame_levels`), and formulaic codes each piece by the levels
     stored in them, so every piece codes its factors alike.
@@ -320,27 +335,60 @@ class DesignPlan:
     labels: Any = None
     weights: str | None = None
 
+    def z_index(self, p: int) -> tuple[int, ...]:
+        """The column of ``U = [X | Z not in X | y]`` of each column of Z."""
+        out, extra = [], p
+        for k, j in self.z_columns:
+            if k < 0:
+                out.append(j)
+            else:
+                out.append(extra)
+                extra += 1
+        return tuple(out)
+
+
+def _plain_columns(spec: Any, frame: pd.DataFrame) -> list[str] | None:
+    """The design's columns when each is the intercept or a numeric column taken as it is (else ``None``)."""
+    names = list(spec.column_names)
+    state = spec.encoder_state
+    for c in names:
+        if c == "Intercept":
+            continue
+        if c not in frame.columns or not pd.api.types.is_numeric_dtype(frame[c]) or \
+                str(getattr(state.get(c, ("",))[0], "value", "")) != "numerical":
+            return None
+    return names
+
 
 def _design(spec: Any, frame: pd.DataFrame) -> np.ndarray:
     if spec is None:
         return np.ones((len(frame), 1))
+    plain = _plain_columns(spec, frame)
+    if plain is not None:  # numeric columns and an intercept: formulaic's result, without its per-call overhead
+        out = np.empty((len(frame), len(plain)))
+        for j, c in enumerate(plain):
+            out[:, j] = 1.0 if c == "Intercept" else frame[c].to_numpy(dtype=float)
+        return out
     return np.asarray(spec.get_model_matrix(frame, na_action="ignore"), dtype=float)
 
 
 def frame_rows(frame: pd.DataFrame, plan: DesignPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``(group codes (n,), whitened [Z | X | y] (n, m), log w (n,) or None)`` of a piece's complete rows."""
+    """``(group codes (n,), whitened U = [X | Z not in X | y] (n, m), log w (n,) or None)`` of a piece's complete
+    rows."""
     frame = plain_strings(frame[list(plan.columns)])
     keep, _ = finite_rows(frame, plan.columns)
     if not keep.all():
         frame = frame.loc[keep]
-    codes = pd.Categorical(frame[plan.group], categories=plan.labels).codes.astype(np.int64)
+    labels = plan.labels if isinstance(plan.labels, pd.Index) else pd.Index(plan.labels)
+    codes = labels.get_indexer(frame[plan.group])  # the Index keeps its hash table: built once per process
     if len(codes) and codes.min() < 0:
         raise ValueError(f"a group id of column {plan.group!r} was not seen when the groups were collected")
     x = _design(plan.fixed, frame)
-    designs = [_design(s, frame) for s in plan.random]
-    z = np.column_stack([designs[k][:, j] for k, j in plan.z_columns]) if plan.z_columns else np.zeros((len(frame), 0))
+    used = {k for k, _ in plan.z_columns if k >= 0}
+    designs = {k: _design(plan.random[k], frame) for k in used}
+    extra = [designs[k][:, j] for k, j in plan.z_columns if k >= 0]
     y = frame[plan.response].to_numpy(dtype=float)
-    cols = np.column_stack([z, x, y])
+    cols = np.column_stack([x, *extra, y])
     logw = None
     if plan.weights is not None:
         w = frame[plan.weights].to_numpy(dtype=float)
@@ -366,9 +414,11 @@ def frame_sums(frame: pd.DataFrame, plan: DesignPlan) -> tuple[np.ndarray, np.nd
     >>> from formulaic import model_matrix
     >>> df = pd.DataFrame({"y": [1.0, 2.0, 4.0], "x": [0.0, 1.0, 2.0], "g": ["a", "b", "a"]})
     >>> spec = model_matrix("1 + x", df).model_spec
-    >>> plan = DesignPlan(("y", "x", "g"), "y", "g", spec, (None,), ((0, 0),), labels=["a", "b"])
-    >>> groups, packed = frame_sums(df, plan)
-    >>> s = unpack(packed, q=1, p=2, groups=groups, n_groups=2)
+    >>> plan = DesignPlan(("y", "x", "g"), "y", "g", spec, (), ((-1, 0), (-1, 1)), labels=["a", "b"])
+    >>> groups, packed = frame_sums(df, plan)  # Z = (1, x): both columns of X, so U = [1, x, y]
+    >>> packed.shape
+    (2, 8)
+    >>> s = unpack(packed, p=2, z_index=plan.z_index(2), groups=groups, n_groups=2)
     >>> s.xty.tolist(), s.n.tolist()
     ([[5.0, 8.0], [2.0, 2.0]], [2.0, 1.0])
     """
@@ -384,9 +434,10 @@ def frame_sums_frame(frame: pd.DataFrame, plan: DesignPlan) -> pd.DataFrame:
     return out
 
 
-def sums_meta(q: int, p: int) -> pd.DataFrame:
-    """An empty frame with :func:`frame_sums_frame`'s columns and dtypes (Dask's ``meta``)."""
-    k = packed_size(q, p)
+def sums_meta(m: int) -> pd.DataFrame:
+    """An empty frame with :func:`frame_sums_frame`'s columns and dtypes for ``m`` columns in ``U`` (Dask's
+    ``meta``)."""
+    k = packed_size(m)
     out = pd.DataFrame({f"s{j}": pd.Series([], dtype=float) for j in range(k)})
     out.insert(0, "group", pd.Series([], dtype=np.int64))
     return out

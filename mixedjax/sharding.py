@@ -22,7 +22,7 @@ Examples
 >>> from mixedjax.crossprod import group_gram
 >>> _, packed = group_gram(np.array([0, 1, 1]), np.column_stack([np.ones(3), np.ones(3), [1.0, 2.0, 3.0]]),
 ...                        n_groups=2)
->>> cp = cross_products(packed, q=1, p=1, g_pad=4)
+>>> cp = cross_products(packed, p=2, z_index=(0,), g_pad=4)
 >>> cp.n.tolist(), float(cp.nobs), float(cp.ngroups)
 ([1.0, 2.0, 0.0, 0.0], 3.0, 2.0)
 """
@@ -63,17 +63,19 @@ def _pad_axis0(a: Any, g: int) -> Any:
     return a if extra == 0 else jnp.concatenate([a, jnp.zeros((extra,) + a.shape[1:], a.dtype)])
 
 
-@functools.partial(jax.jit, static_argnames=("q", "p"))
-def _cross_products(packed: jax.Array, q: int, p: int) -> CrossProducts:
-    s = unpack(packed, q, p, xp=jnp)
+@functools.partial(jax.jit, static_argnames=("p", "z_index"))
+def _cross_products(packed: jax.Array, p: int, z_index: tuple[int, ...]) -> CrossProducts:
+    s = unpack(packed, p, z_index, xp=jnp)
     return CrossProducts(s.ztz, s.ztx, s.zty, s.xtx, s.xty, s.yty, s.n, jnp.sum(s.logw), jnp.sum(s.n),
                          jnp.sum(s.n > 0))  # the dtypes of mixedjax.data.cross_products
 
 
-def cross_products(packed: Any, q: int, p: int, g_pad: int, mesh: Mesh | None = None) -> CrossProducts:
+def cross_products(packed: Any, p: int, z_index: tuple[int, ...], g_pad: int,
+                   mesh: Mesh | None = None) -> CrossProducts:
     """:class:`mixedjax.data.CrossProducts` on devices from packed per-group rows (:mod:`mixedjax.crossprod`).
 
-    ``packed (G, K)`` (numpy, or a global JAX array from :func:`global_cross_products`'s sum)
+    ``packed (G, K)`` (numpy, or a global JAX array from :func:`global_cross_products`'s sum; ``p`` columns
+    of X, ``z_index`` the columns of Z: :func:`mixedjax.crossprod.unpack`)
     is padded with empty groups to ``g_pad`` rows (to a multiple of the device count with a
     ``mesh``, whose ``groups`` axis then holds the group axis).
     """
@@ -81,11 +83,11 @@ def cross_products(packed: Any, q: int, p: int, g_pad: int, mesh: Mesh | None = 
     if isinstance(packed, jax.Array) and not packed.is_fully_addressable:
         if packed.shape[0] != g:
             raise ValueError(f"the global packed cross-products have {packed.shape[0]} groups; expected {g}")
-        return _cross_products(packed, q, p)
+        return _cross_products(packed, p, tuple(z_index))
     packed = _pad_axis0(np.asarray(packed, dtype=float), g)
     if mesh is not None:
         packed = jax.device_put(packed, NamedSharding(mesh, PartitionSpec(GROUP_AXIS)))
-    return _cross_products(packed, q, p)
+    return _cross_products(packed, p, tuple(z_index))
 
 
 def shard_grouped(data: Any, mesh: Mesh | None = None) -> Any:

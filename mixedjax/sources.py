@@ -42,8 +42,8 @@ Examples
 >>> src.nobs, len(src.labels), list(src.fixed_design.columns)
 (180, 18, ['Intercept', 'Days'])
 >>> acc = src.accumulate([(0, 0), (0, 1)])
->>> acc.packed.shape, float(acc.n.sum())
-((18, 23), 180.0)
+>>> acc.packed.shape, acc.z_index, float(acc.n.sum())  # U = [Intercept, Days, Reaction]: Z = X's columns
+((18, 8), (0, 1), 180.0)
 """
 
 from __future__ import annotations
@@ -108,13 +108,13 @@ class Pieces:
     def levels(self, plan: LevelPlan) -> dict:
         raise NotImplementedError
 
-    def sums(self, plan: DesignPlan, q: int, p: int, n_groups: int) -> np.ndarray:
+    def sums(self, plan: DesignPlan, m: int, n_groups: int) -> np.ndarray:
         """Dense ``(n_groups, K)`` packed cross-products of every row."""
         raise NotImplementedError
 
 
 class ParquetPieces(Pieces):
-    """Parquet files read in row batches of ``batch_size`` rows with ``pyarrow.dataset``."""
+    """Parquet files read file by file in row batches of ``batch_size`` rows (``pyarrow.parquet.ParquetFile``)."""
 
     def __init__(self, path: Any, batch_size: int | None = None) -> None:
         try:
@@ -135,24 +135,37 @@ class ParquetPieces(Pieces):
         return list(self.dataset.schema.names)
 
     def head(self, columns: list[str], n: int) -> pd.DataFrame:
-        return self.dataset.head(n, columns=columns).to_pandas()
+        # not dataset.head(): it scans ahead over several files (850 MB at 20M rows for 1,000 rows)
+        return next(self.batches(columns, n), None) if self.dataset.files else None
 
-    def batches(self, columns: list[str]) -> Iterator[pd.DataFrame]:
-        """pandas frames of ``batch_size`` rows (fewer at row-group ends), indexed by row number in the data set."""
+    def batches(self, columns: list[str], batch_size: int | None = None) -> Iterator[pd.DataFrame]:
+        """pandas frames of ``batch_size`` rows (fewer at file ends), indexed by row number in the data set.
+
+        One file at a time, one row group decoded at a time (``iter_batches``): pyarrow's
+        dataset scanner reads 16 batches and 4 files ahead by default, which held 1.4 GB at 20M
+        rows and was slower on 2 cores.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         offset = 0
-        for batch in self.dataset.to_batches(columns=columns, batch_size=self.batch_size):
-            if batch.num_rows == 0:
-                continue
-            frame = batch.to_pandas()
-            frame.index = pd.RangeIndex(offset, offset + len(frame))
-            offset += len(frame)
-            yield frame
+        for f in self.dataset.files:
+            with pq.ParquetFile(f, filesystem=self.dataset.filesystem) as pf:
+                for batch in pf.iter_batches(batch_size=batch_size or self.batch_size, columns=columns):
+                    if batch.num_rows == 0:
+                        continue
+                    frame = batch.to_pandas()
+                    del batch
+                    frame.index = pd.RangeIndex(offset, offset + len(frame))
+                    offset += len(frame)
+                    yield frame
+            pa.default_memory_pool().release_unused()  # the decoded row groups' pages, back to the system
 
     def levels(self, plan: LevelPlan) -> dict:
         return merge_levels(frame_levels(b, plan) for b in self.batches(list(plan.columns)))
 
-    def sums(self, plan: DesignPlan, q: int, p: int, n_groups: int) -> np.ndarray:
-        acc = np.zeros((n_groups, packed_size(q, p)))
+    def sums(self, plan: DesignPlan, m: int, n_groups: int) -> np.ndarray:
+        acc = np.zeros((n_groups, packed_size(m)))
         for b in self.batches(list(plan.columns)):
             groups, packed = frame_sums(b, plan)
             acc[groups] += packed  # group codes of a piece are unique
@@ -187,11 +200,11 @@ class DaskPieces(Pieces):
         one = dask.delayed(Shipped(cpm.frame_levels, plan), pure=True)
         return dask.delayed(Shipped(cpm.merge_levels), pure=True)([one(part) for part in parts]).compute()
 
-    def sums(self, plan: DesignPlan, q: int, p: int, n_groups: int) -> np.ndarray:
+    def sums(self, plan: DesignPlan, m: int, n_groups: int) -> np.ndarray:
         per_piece = self.ddf[list(plan.columns)].map_partitions(Shipped(cpm.frame_sums_frame, plan),
-                                                                meta=cpm.sums_meta(q, p), align_dataframes=False)
+                                                                meta=cpm.sums_meta(m), align_dataframes=False)
         total = per_piece.groupby("group").sum().compute()
-        acc = np.zeros((n_groups, packed_size(q, p)))
+        acc = np.zeros((n_groups, packed_size(m)))
         acc[total.index.to_numpy(dtype=np.int64)] = total.to_numpy(dtype=float)
         return acc
 
@@ -213,9 +226,9 @@ class FramePieces(Pieces):
     def levels(self, plan: LevelPlan) -> dict:
         return merge_levels([frame_levels(self.frame, plan)])
 
-    def sums(self, plan: DesignPlan, q: int, p: int, n_groups: int) -> np.ndarray:
+    def sums(self, plan: DesignPlan, m: int, n_groups: int) -> np.ndarray:
         groups, packed = frame_sums(self.frame, plan)
-        acc = np.zeros((n_groups, packed_size(q, p)))
+        acc = np.zeros((n_groups, packed_size(m)))
         acc[groups] = packed
         return acc
 
@@ -296,12 +309,13 @@ def _prototype(levels: dict, probe: pd.DataFrame, columns: list[str]) -> pd.Data
 @dataclass
 class Accumulated:
     """The cross-products of every row: ``packed (G, K)`` (numpy, or a group-sharded JAX array across
-    processes), their layout ``q, p``, the group ``labels``, rows per group ``n (G,)`` and the totals
-    ``gram (m, m)`` = ``Σ_g [Z X y]ᵀ[Z X y]`` (for rank checks) on the host of every process."""
+    processes) in :mod:`mixedjax.crossprod`'s layout (``p`` columns of X, ``z_index`` the columns of Z), the
+    group ``labels``, rows per group ``n (G,)`` and the totals ``gram`` = ``Σ_g [Z X y]ᵀW[Z X y]`` (for rank
+    checks) on the host of every process."""
 
     packed: Any
-    q: int
     p: int
+    z_index: tuple[int, ...]
     labels: list
     n: np.ndarray
     gram: np.ndarray
@@ -310,6 +324,10 @@ class Accumulated:
     @property
     def nobs(self) -> int:
         return int(round(float(self.n.sum())))
+
+    @property
+    def q(self) -> int:
+        return len(self.z_index)
 
 
 @dataclass
@@ -338,26 +356,35 @@ class PreparedSource:
         return self.pieces.description + (" per process, distributed" if self.distributed else "")
 
     def accumulate(self, z_columns: Sequence[tuple[int, int]]) -> Accumulated:
-        """The second pass: per-group cross-products with Z = the ``(design, column)`` columns, summed."""
+        """The second pass: per-group cross-products with Z = the ``(random design, column)`` columns, summed.
+
+        A column of Z that is also a column of X (same name: ``1 + x`` on ``y ~ x``) is taken
+        from X, so the per-group Gram matrices are no larger than they need be.
+        """
         q, p = len(z_columns), self.fixed_design.shape[1]
+        fixed_names = list(self.fixed_design.columns)
+        z_columns = tuple((-1, fixed_names.index(self.random_designs[k].columns[j]))
+                          if self.random_designs[k].columns[j] in fixed_names else (k, j) for k, j in z_columns)
         plan = DesignPlan(tuple(self.columns), self.response, self.group, self.fixed_design.attrs.get("model_spec"),
-                          tuple(d.attrs.get("model_spec") for d in self.random_designs), tuple(z_columns),
+                          tuple(d.attrs.get("model_spec") for d in self.random_designs), z_columns,
                           pd.Index(self.labels), self.weights)
+        z_index = plan.z_index(p)
+        m = p + sum(k >= 0 for k, _ in z_columns) + 1
         g = len(self.labels)
-        local = self.pieces.sums(plan, q, p, g)
-        m = q + p + 1
+        local = self.pieces.sums(plan, m, g)
         if not self.distributed:
-            s = cpm.unpack(local.sum(axis=0, keepdims=True), q, p)
-            gram = _gram(s, q, p, m)
-            return Accumulated(local, q, p, self.labels, local[:, -2].copy(), gram, False)
+            gram = _gram(cpm.unpack(local.sum(axis=0, keepdims=True), p, z_index), q, p)
+            return Accumulated(local, p, z_index, self.labels, local[:, -2].copy(), gram, False)
         total = sharding.global_cross_products(local, g)
         n = sharding.gather_rows(total[:, -2])[:g]
         every = np.sum([np.asarray(t) for t in sharding.allgather_objects(local.sum(axis=0))], axis=0)
-        gram = _gram(cpm.unpack(every[None, :], q, p), q, p, m)
-        return Accumulated(total, q, p, self.labels, n, gram, True)
+        gram = _gram(cpm.unpack(every[None, :], p, z_index), q, p)
+        return Accumulated(total, p, z_index, self.labels, n, gram, True)
 
 
-def _gram(s: cpm.GroupSums, q: int, p: int, m: int) -> np.ndarray:
+def _gram(s: cpm.GroupSums, q: int, p: int) -> np.ndarray:
+    """The Gram matrix of ``[Z | X | y]`` from one row of sums."""
+    m = q + p + 1
     gram = np.zeros((m, m))
     gram[:q, :q], gram[:q, q : q + p], gram[:q, -1] = s.ztz[0], s.ztx[0], s.zty[0]
     gram[q : q + p, q : q + p], gram[q : q + p, -1], gram[-1, -1] = s.xtx[0], s.xty[0], s.yty[0]
@@ -411,7 +438,8 @@ def prepare(data: Any, response: str, fixed: str, random: Sequence[str], group: 
             raise ValueError(f"weights column {weights!r} is not in the data")
         used.append(weights)
     used = list(dict.fromkeys(used))
-    probe = cpm.plain_strings(pieces.head(used, 1000))
+    probe = pieces.head(used, 1000)
+    probe = cpm.plain_strings(probe if probe is not None else pd.DataFrame({c: [] for c in used}))
     if not distributed and len(probe) == 0:
         raise ValueError("no observations: the data are empty")
     categorical = _categorical_columns([fixed, *random], probe) - {group}

@@ -184,3 +184,11 @@ def test_out_of_memory_refusals(data_dir):
         mixedjax.mixedlm("y ~ nope", data_dir, groups="g")
     with pytest.raises(FileNotFoundError):
         mixedjax.mixedlm("y ~ x", data_dir / "missing.parquet", groups="g")
+
+
+def test_docstring_examples():
+    import doctest
+
+    from mixedjax import sources
+
+    assert doctest.testmod(sources, optionflags=doctest.ELLIPSIS).failed == 0
