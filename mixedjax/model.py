@@ -609,7 +609,7 @@ class MixedLM(LinearMixedModel):
         self.vc_designs = [fml.VCDesign(str(v), np.zeros((0, 1)), [[str(v)] for _ in range(g)]) for v in vc_names]
         self.exog_vc_matrix = None
         mesh = sharding.group_mesh() if acc.distributed else None
-        cp = sharding.cross_products(acc.packed, q, p, bucket(g), mesh)
+        cp = sharding.cross_products(acc.packed, p, acc.z_index, bucket(g), mesh)
         g_pad = int(cp.n.shape[0])
         zmask = np.zeros((g_pad, q))
         zmask[:g] = 1.0
