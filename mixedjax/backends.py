@@ -66,6 +66,7 @@ from .crossed_likelihood import normal_ts, row_effects
 from .crossprod import ROWS_NOT_KEPT
 from .data import CrossProducts, GroupedData, cross_products
 from .dfo import minimize_dfo
+from .export_cache import cached_jit
 from .likelihood import (
     Normal,
     Profiled,
@@ -169,8 +170,8 @@ def simulate_one(backend: Any, key: Array, theta: Array, beta: Array, sigma2: Ar
     return backend.fixed_part(beta, data) + backend.row_effects(modes, data) + sigma * backend.noise(k_eps, rho, data)
 
 
-profiled_jit = jax.jit(profiled, static_argnames=("backend",), compiler_options=FAST_COMPILE)
-conditional_jit = jax.jit(conditional, static_argnames=("backend",))
+profiled_jit = cached_jit(profiled, static_argnames=("backend",), compiler_options=FAST_COMPILE)
+conditional_jit = cached_jit(conditional, static_argnames=("backend",))
 
 
 def jacobian_transform(backend: Any) -> Any:
@@ -188,7 +189,7 @@ def _info_natural(backend: Any, v: Array, beta: Array, data: Any, reml: bool | A
 
 
 # evaluated once per fit: XLA at optimisation level 0 (SINGLE_FIT) compiles several times faster
-info_natural_jit = jax.jit(_info_natural, static_argnames=("backend",), compiler_options=SINGLE_FIT)
+info_natural_jit = cached_jit(_info_natural, static_argnames=("backend",), compiler_options=SINGLE_FIT)
 info_natural_jit.__doc__ = "Hessian of :func:`loglike_natural` in the natural parameters ``v``."
 
 
@@ -201,10 +202,15 @@ def _info_natural_sub(v_sub: Array, v_full: Array, idx: Array, backend: Any, dat
 
 
 # the information of a subset of the natural parameters, the others held (a singular fit's boundary variances)
-info_natural_sub_jit = jax.jit(_info_natural_sub, static_argnames=("backend",), compiler_options=SINGLE_FIT)
-loglike_given_jit = jax.jit(
-    lambda backend, theta, data, beta, reml: -0.5 * deviance_given(normal_at(backend, theta, data), backend.nobs(data),
-                                                                   beta, None, reml), static_argnames=("backend",))
+info_natural_sub_jit = cached_jit(_info_natural_sub, static_argnames=("backend",), compiler_options=SINGLE_FIT)
+
+
+def loglike_given(backend: Any, theta: Array, data: Any, beta: Array, reml: bool | Array) -> Array:
+    """Log-likelihood at ``concat(θ, ρ)`` and given β (σ² profiled)."""
+    return -0.5 * deviance_given(normal_at(backend, theta, data), backend.nobs(data), beta, None, reml)
+
+
+loglike_given_jit = cached_jit(loglike_given, static_argnames=("backend",))
 
 
 # ============================================================================================ per-group
@@ -275,10 +281,11 @@ def _fit_structured(theta0: Array, data: GroupedData, strata: Array, zmask: Arra
 
 
 _GROUPED_STATIC = ("structure", "maxiter", "gtol", "em_iter")
-fit_grouped = jax.jit(_fit_grouped, static_argnames=_GROUPED_STATIC)
+fit_grouped = cached_jit(_fit_grouped, static_argnames=_GROUPED_STATIC)
 fit_grouped.__doc__ = _fit_grouped.__doc__
-fit_grouped_single = jax.jit(_fit_grouped, static_argnames=_GROUPED_STATIC, compiler_options=SINGLE_FIT)
-_fit_structured_jit = jax.jit(_fit_structured, static_argnames=_GROUPED_STATIC + ("spec",))
+fit_grouped_single = cached_jit(_fit_grouped, static_argnames=_GROUPED_STATIC, compiler_options=SINGLE_FIT,
+                                name="mixedjax.backends.fit_grouped_single")
+_fit_structured_jit = cached_jit(_fit_structured, static_argnames=_GROUPED_STATIC + ("spec",))
 
 
 @dataclass(frozen=True)
@@ -687,6 +694,6 @@ def loglike_params(backend: Any, params: Array, data: Any, reml: bool | Array, p
 
 
 _LL_STATIC = ("backend", "profile_fe", "k_fe")
-loglike_params_jit = jax.jit(loglike_params, static_argnames=_LL_STATIC)
+loglike_params_jit = cached_jit(loglike_params, static_argnames=_LL_STATIC)
 score_params_jit = jax.jit(jax.grad(loglike_params, argnums=1), static_argnames=_LL_STATIC)
 hessian_params_jit = jax.jit(jax.jacfwd(jax.grad(loglike_params, argnums=1), argnums=1), static_argnames=_LL_STATIC)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+
+from .export_cache import cached_jit
 
 
 class GroupedData(NamedTuple):
@@ -98,7 +99,7 @@ def cross_products(data: GroupedData) -> CrossProducts:
     )
 
 
-cross_products_jit = jax.jit(cross_products)
+cross_products_jit = cached_jit(cross_products)  # kept between processes (mixedjax.export_cache)
 
 
 def bucket(n: int) -> int:

@@ -16,6 +16,9 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+from scipy import special
+
 
 class _LazyModule:
     """A module imported at its first attribute access."""
@@ -31,3 +34,31 @@ class _LazyModule:
 
 
 stats = _LazyModule("scipy.stats")
+
+
+class StandardNormal:
+    """``N(0, 1)``'s ``cdf``, ``sf``, ``ppf`` and ``isf`` through :mod:`scipy.special` (what ``scipy.stats.norm``
+    computes, the same numbers), without importing :mod:`scipy.stats` (about 1 s): a summary's z-tests.
+
+    >>> round(float(norm.ppf(0.975)), 4), float(norm.sf(0.0))
+    (1.96, 0.5)
+    """
+
+    @staticmethod
+    def cdf(x: Any) -> Any:
+        return special.ndtr(x)
+
+    @staticmethod
+    def sf(x: Any) -> Any:
+        return special.ndtr(-np.asarray(x))
+
+    @staticmethod
+    def ppf(q: Any) -> Any:
+        return special.ndtri(q)
+
+    @staticmethod
+    def isf(q: Any) -> Any:
+        return -special.ndtri(q)
+
+
+norm = StandardNormal()

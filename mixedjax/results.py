@@ -17,7 +17,7 @@ import pandas as pd
 
 from . import plots
 from .backends import conditional_jit, info_natural_jit, info_natural_sub_jit, natural_from_fit, natural_size
-from .distributions import stats
+from .distributions import norm
 from .fit import ConvergenceWarning, FittedModel
 from .inference import InferenceMixin
 from .optimize import Result
@@ -357,7 +357,7 @@ class MixedLMResults(InferenceMixin):
     @property
     def pvalues(self) -> pd.Series:
         """Two-sided normal p-values of ``tvalues`` (statsmodels' convention)."""
-        return pd.Series(2 * stats.norm.sf(np.abs(self.tvalues.to_numpy())), index=self.params.index)
+        return pd.Series(2 * norm.sf(np.abs(self.tvalues.to_numpy())), index=self.params.index)
 
     def conf_int(self, alpha: float = 0.05, method: str = "wald", **kwargs: Any) -> pd.DataFrame:
         """Wald confidence intervals ``params ± z_{1-alpha/2} bse`` for every row of ``params``.
@@ -367,7 +367,7 @@ class MixedLMResults(InferenceMixin):
         """
         if method != "wald":
             return self.conf_int_lme4(method, alpha, **kwargs)
-        z = stats.norm.ppf(1 - alpha / 2)
+        z = norm.ppf(1 - alpha / 2)
         return pd.DataFrame({0: self.params - z * self.bse, 1: self.params + z * self.bse})
 
     # ------------------------------------------------------ random effects
@@ -528,13 +528,13 @@ class MixedLMResults(InferenceMixin):
                  ("Converged:", "Yes" if self.converged else "No")]
         if len(info) % 2:
             info.append(("", ""))
-        z = stats.norm.ppf(1 - alpha / 2)
+        z = norm.ppf(1 - alpha / 2)
         fe, se = self.fe_params.to_numpy(), self.bse_fe.to_numpy()
         tab = np.full((len(self.params), 6), np.nan)
         tab[: self.k_fe, 0] = fe
         tab[: self.k_fe, 1] = se
         tab[: self.k_fe, 2] = fe / se
-        tab[: self.k_fe, 3] = 2 * stats.norm.sf(np.abs(fe / se))
+        tab[: self.k_fe, 3] = 2 * norm.sf(np.abs(fe / se))
         tab[: self.k_fe, 4] = fe - z * se
         tab[: self.k_fe, 5] = fe + z * se
         n_cov = m.n_cov_params

@@ -15,7 +15,8 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parents[1] / "mixedjax"
 
 LAYERS = [
-    {"linalg", "optimize", "dfo", "data", "formula", "datasets", "distributions", "cache", "crossprod"},
+    {"linalg", "optimize", "dfo", "data", "formula", "datasets", "distributions", "cache", "export_cache",
+     "crossprod"},
     {"covariance", "terms", "sharding", "sources"},
     {"likelihood", "residuals", "crossed_data", "crossed_likelihood", "lindstrom_bates"},
     {"backends"},

@@ -1,0 +1,392 @@
+"""Serialized programs (``jax.export``) kept from one Python process to the next: no tracing when nothing changed.
+
+JAX's persistent compilation cache (:mod:`mixedjax.cache`) keeps the *compiled* programs, but every
+new process still traces and lowers each of them to find its cache key: for a small fit and its
+summary that is most of the time (the Hessian behind the standard errors alone traces for
+seconds).  :func:`cached_jit` is ``jax.jit`` plus a second cache, on disk: the first process
+exports each program it traces (``jax.export``: the lowered StableHLO with its calling
+convention) and writes it to ``<cache directory>/export/<key>.bin``; a later process that calls
+the same function with the same static arguments and argument shapes reads the file instead of
+tracing, and the persistent compilation cache supplies the compiled code.
+
+The key (a SHA-256) covers the function (module and qualified name), its static arguments (a
+repr built only from values whose repr is the same in every process: numbers, strings, tuples,
+NamedTuples, frozen dataclasses, ...), the pytree structure, shapes, dtypes and weak types of the
+other arguments, the compiler options, ``jax``/``jaxlib`` versions, ``jax_enable_x64``, the
+default backend and device count, and a hash of the source of every ``mixedjax/*.py`` (any
+change to mixedjax's code starts afresh).
+
+* where: ``export/`` inside :func:`mixedjax.cache.compilation_cache_dir`; off whenever that cache
+  is off (``MIXEDJAX_CACHE=0``, :func:`mixedjax.cache.disable_compilation_cache`);
+* size: a quarter of ``$MIXEDJAX_CACHE_MAX_BYTES`` (default 256 MiB), the least recently used
+  files removed first;
+* never in the way: a program ``jax.export`` cannot serialize (host callbacks, custom pytrees,
+  unstable static arguments, arguments sharded over several devices, calls under a
+  transformation such as ``vmap``) runs through plain ``jax.jit``, as do calls with tracers.
+
+:func:`stats` counts programs loaded, exported and left to plain ``jax.jit``.
+
+Examples
+--------
+>>> import jax.numpy as jnp
+>>> from mixedjax import export_cache
+>>> def scaled_sum(x, k):
+...     return jnp.sum(x) * k
+>>> f = cached_jit(scaled_sum, static_argnames=("k",))
+>>> float(f(jnp.arange(4.0), k=2))
+12.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import hashlib
+import inspect
+import json
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jaxlib
+import numpy as np
+
+from . import cache
+
+SUBDIR = "export"
+MAGIC = b"mixedjax-export-1\n"
+_PLAIN = object()  # marker: this call signature runs through plain jax.jit
+_STATS = {"loaded": 0, "exported": 0, "plain": 0}
+_ERRORS: list[str] = []
+_LOCK = threading.Lock()
+_REGISTERED: set[type] = set()
+_TRACER = getattr(jax.core, "Tracer", ())
+
+
+class Unstable(TypeError):
+    """A static argument whose repr may differ between processes (no disk key)."""
+
+
+# ------------------------------------------------------------------------------------------------ key
+def stable_repr(obj: Any) -> str:
+    """A repr of ``obj`` that is the same in every process, or :class:`Unstable`.
+
+    Numbers, strings, bytes, ``None``, tuples, lists, dicts, frozensets, NamedTuples, dataclasses,
+    enums, NumPy dtypes and scalars; anything else (functions, arbitrary objects whose default repr
+    carries an address) raises.
+    """
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        return f"{type(obj).__name__}:{obj!r}"
+    if isinstance(obj, enum.Enum):
+        return f"{_type_name(type(obj))}.{obj.name}"
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
+        return f"{_type_name(type(obj))}(" + ",".join(
+            f"{f}={stable_repr(getattr(obj, f))}" for f in type(obj)._fields) + ")"
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return f"{_type_name(type(obj))}(" + ",".join(
+            f"{f.name}={stable_repr(getattr(obj, f.name))}" for f in dataclasses.fields(obj)) + ")"
+    if isinstance(obj, (tuple, list)):
+        return f"{type(obj).__name__}[" + ",".join(stable_repr(v) for v in obj) + "]"
+    if isinstance(obj, frozenset):
+        return "frozenset{" + ",".join(sorted(stable_repr(v) for v in obj)) + "}"
+    if isinstance(obj, dict):
+        return "dict{" + ",".join(sorted(f"{stable_repr(k)}:{stable_repr(v)}" for k, v in obj.items())) + "}"
+    if isinstance(obj, np.dtype):
+        return f"dtype:{obj.str}"
+    if isinstance(obj, np.generic):
+        return f"{obj.dtype.str}:{obj.item()!r}"
+    raise Unstable(f"no process-independent repr for {type(obj).__module__}.{type(obj).__qualname__}")
+
+
+def _code_hash(fun: Callable) -> str:
+    """SHA-256 of a function's source (its bytecode when the source cannot be read)."""
+    try:
+        text = inspect.getsource(fun).encode()
+    except (OSError, TypeError):
+        code = getattr(fun, "__code__", None)
+        text = code.co_code + repr(code.co_consts).encode() if code is not None else repr(fun).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def _type_name(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """SHA-256 of the source of every ``mixedjax/*.py`` (once per process): a code change invalidates."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def environment_key() -> str:
+    """What the programs depend on besides mixedjax's code and the call: JAX, precision, platform."""
+    return "|".join([
+        f"jax={jax.__version__}", f"jaxlib={_jaxlib_version()}", f"x64={bool(jax.config.jax_enable_x64)}",
+        f"platform={jax.default_backend()}", f"devices={jax.device_count()}", f"processes={jax.process_count()}",
+        f"precision={jax.config.jax_default_matmul_precision}", f"promotion={jax.config.jax_numpy_dtype_promotion}",
+        f"source={source_hash()}"])
+
+
+def _jaxlib_version() -> str:
+    return str(getattr(jaxlib, "__version__", "?"))
+
+
+def _aval(x: Any) -> tuple:
+    """In-process signature of one argument leaf: ``(shape, dtype, weak type)``; ``None`` if unusable."""
+    if isinstance(x, _TRACER):
+        return None
+    if isinstance(x, jax.Array):
+        if not isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
+            return None  # sharded over devices: plain jit keeps the shardings
+        return (x.shape, x.dtype, x.weak_type)
+    if isinstance(x, np.ndarray | np.generic):
+        return (x.shape, x.dtype, False)
+    if isinstance(x, (bool, int, float, complex)):
+        return ((), type(x), True)
+    return None
+
+
+def program_key(fun_id: str, static: dict, treedef: Any, avals: tuple, compiler_options: dict) -> str:
+    """The file name (SHA-256, hex) of a program; raises :class:`Unstable` for an unusable static argument."""
+    text = "\n".join([
+        environment_key(), fun_id, stable_repr(static), stable_repr(compiler_options), str(treedef),
+        ";".join(f"{s}:{np.dtype(d).str if not isinstance(d, type) else d.__name__}:{w}" for s, d, w in avals)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ storage
+def directory() -> Path | None:
+    """Where serialized programs are kept now (``None``: off, as the compilation cache)."""
+    d = cache.compilation_cache_dir()
+    if not d or os.environ.get("MIXEDJAX_CACHE", "1").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    return Path(d) / SUBDIR
+
+
+def max_bytes() -> int:
+    """The size cap of the ``export/`` directory: a quarter of ``$MIXEDJAX_CACHE_MAX_BYTES``."""
+    try:
+        total = int(os.environ.get("MIXEDJAX_CACHE_MAX_BYTES", cache.DEFAULT_MAX_BYTES))
+    except ValueError:
+        total = cache.DEFAULT_MAX_BYTES
+    return max(total // 4, 0)
+
+
+def stats() -> dict:
+    """Programs ``loaded`` from disk, ``exported`` (traced and written) and run by ``plain`` jit, this process;
+    ``errors``: why programs fell back to plain jit (the last 20)."""
+    return dict(_STATS, errors=list(_ERRORS[-20:]))
+
+
+def reset_stats() -> None:
+    for k in _STATS:
+        _STATS[k] = 0
+    _ERRORS.clear()
+
+
+def _node_types(treedef: Any, out: set) -> set:
+    data = treedef.node_data()
+    if data is not None and data[0] is not None and hasattr(data[0], "_fields") and issubclass(data[0], tuple):
+        out.add(data[0])
+    for child in treedef.children():
+        _node_types(child, out)
+    return out
+
+
+def _register(types: set) -> None:
+    with _LOCK:
+        for t in types:
+            if t in _REGISTERED:
+                continue
+            try:
+                jax.export.register_namedtuple_serialization(t, serialized_name=_type_name(t))
+            except ValueError:  # registered already (by the user, or under this name)
+                pass
+            _REGISTERED.add(t)
+
+
+def _resolve(name: str) -> type:
+    module, _, qual = name.partition(":")
+    obj: Any = sys.modules[module]
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _write(path: Path, types: set, blob: bytes) -> None:
+    header = json.dumps({"types": sorted(f"{t.__module__}:{t.__qualname__}" for t in types)}).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".bin")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(MAGIC + header + b"\n" + bytes(blob))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _evict(path.parent)
+
+
+def _read(path: Path) -> Any:
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        raise ValueError(f"{path.name}: not a mixedjax export file")
+    header, _, blob = data[len(MAGIC):].partition(b"\n")
+    _register({_resolve(n) for n in json.loads(header)["types"]})
+    exported = jax.export.deserialize(bytearray(blob))
+    try:
+        os.utime(path)  # least recently used goes first
+    except OSError:
+        pass
+    return exported
+
+
+def _evict(folder: Path) -> None:
+    cap = max_bytes()
+    try:
+        files = [(p.stat(), p) for p in folder.glob("*.bin")]
+    except OSError:
+        return
+    total = sum(s.st_size for s, _ in files)
+    if total <= cap:
+        return
+    for s, p in sorted(files, key=lambda sp: sp[0].st_mtime):
+        try:
+            p.unlink()
+        except OSError:
+            continue
+        total -= s.st_size
+        if total <= 0.8 * cap:
+            break
+
+
+# ------------------------------------------------------------------------------------------ wrapper
+class CachedJit:
+    """``jax.jit(fun, static_argnames=..., compiler_options=...)`` whose programs are kept on disk
+    (:func:`cached_jit`).  ``lower``, ``trace``, ``eval_shape`` and any other attribute are the plain
+    jitted function's."""
+
+    def __init__(self, fun: Callable, static_argnames: tuple | str = (), compiler_options: dict | None = None,
+                 name: str | None = None) -> None:
+        self.fun = fun
+        self.static_argnames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+        self.compiler_options = dict(compiler_options or {})
+        self.jitted = jax.jit(fun, static_argnames=self.static_argnames, compiler_options=compiler_options or None)
+        functools.update_wrapper(self, fun)
+        self.fun_id = name or f"{fun.__module__}.{fun.__qualname__}"
+        if not str(getattr(fun, "__module__", "")).startswith("mixedjax"):
+            self.fun_id += f"@{_code_hash(fun)}"  # outside mixedjax, source_hash() does not see the code
+        self.programs: dict = {}
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(fun)
+        except (TypeError, ValueError):
+            self.signature = None
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        if self.signature is None or any(p.kind not in kinds for p in self.signature.parameters.values()) \
+                or ("<lambda>" in self.fun_id and name is None) or ("<locals>" in self.fun_id and name is None):
+            self.signature = None  # no reliable name or keyword calling convention: plain jit always
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["jitted"], name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.signature is None or jax.config.jax_disable_jit:
+            return self.jitted(*args, **kwargs)
+        folder = directory()
+        if folder is None:
+            return self.jitted(*args, **kwargs)
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError:
+            return self.jitted(*args, **kwargs)  # jit's own error message
+        static, dyn = {}, {}
+        for k, v in bound.arguments.items():
+            (static if k in self.static_argnames else dyn)[k] = v
+        leaves, treedef = jax.tree_util.tree_flatten(dyn)
+        avals = tuple(_aval(x) for x in leaves)
+        if None in avals:
+            return self.jitted(*args, **kwargs)
+        try:
+            local = (tuple(static.items()), treedef, avals)
+            prog = self.programs.get(local)
+        except TypeError:  # an unhashable static argument: jit says so
+            return self.jitted(*args, **kwargs)
+        if prog is None:
+            prog = self._program(folder, static, dyn, treedef, avals)
+            self.programs[local] = prog
+        if prog is not _PLAIN:
+            try:
+                return prog(dyn)
+            except Exception as e:  # noqa: BLE001 - never break a fit: plain jit gives the real error, if any
+                self._note(e)
+                self.programs[local] = _PLAIN
+        return self.jitted(*args, **kwargs)
+
+    def _note(self, e: BaseException) -> None:
+        _STATS["plain"] += 1
+        _ERRORS.append(f"{self.fun_id}: {type(e).__name__}: {str(e)[:300]}")
+
+    def _program(self, folder: Path, static: dict, dyn: dict, treedef: Any, avals: tuple) -> Any:
+        try:
+            key = program_key(self.fun_id, static, treedef, avals, self.compiler_options)
+        except Unstable as e:
+            self._note(e)
+            return _PLAIN
+        path = folder / f"{key}.bin"
+        options = self.compiler_options or None
+        if path.exists():
+            try:
+                exported = _read(path)
+                _STATS["loaded"] += 1
+                return jax.jit(exported.call, compiler_options=options)
+            except Exception as e:  # noqa: BLE001 - a damaged or foreign file: export afresh
+                self._note(e)
+        fun = self.fun
+
+        def bound_fun(d: dict) -> Any:
+            return fun(**static, **d)
+
+        try:
+            exported = jax.export.export(jax.jit(bound_fun, compiler_options=options))(dyn)
+            types = _node_types(exported.in_tree, set()) | _node_types(exported.out_tree, set())
+            _register(types)
+            blob = exported.serialize()
+        except Exception as e:  # noqa: BLE001 - what export cannot serialize runs through plain jit
+            self._note(e)
+            return _PLAIN
+        try:
+            _write(path, types, blob)
+            _STATS["exported"] += 1
+        except OSError as e:  # a read-only cache: the program still runs, from memory
+            self._note(e)
+        return jax.jit(exported.call, compiler_options=options)
+
+
+def cached_jit(fun: Callable | None = None, *, static_argnames: tuple | str = (),
+               compiler_options: dict | None = None, name: str | None = None) -> Any:
+    """``jax.jit`` whose traced programs are kept on disk between processes (:class:`CachedJit`).
+
+    ``name`` identifies the function in the key when its qualified name does not (a lambda, a
+    closure); without one such functions run through plain ``jax.jit``.  Usable as a decorator.
+    """
+    if fun is None:
+        return functools.partial(cached_jit, static_argnames=static_argnames, compiler_options=compiler_options,
+                                 name=name)
+    return CachedJit(fun, static_argnames, compiler_options, name)
+
+
+__all__ = ["CachedJit", "Unstable", "cached_jit", "directory", "max_bytes", "program_key", "reset_stats",
+           "source_hash", "stable_repr", "stats"]

@@ -1,0 +1,130 @@
+"""mixedjax.export_cache: serialized programs (jax.export) that a second process loads instead of tracing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixedjax import export_cache
+from mixedjax.covariance import CovStructure
+
+FIT = textwrap.dedent("""
+    import json, sys
+    import mixedjax
+    df = mixedjax.datasets.load("dyestuff")
+    r = mixedjax.mixedlm("Yield ~ 1", df, groups="Batch").fit()
+    print(repr(r.llf))
+    print(r.summary())
+    print(json.dumps(mixedjax.export_cache.stats()))
+""")
+
+
+def run(code: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("MIXEDJAX_CACHE_DIR", "MIXEDJAX_CACHE", "JAX_COMPILATION_CACHE_DIR", "TF_CPP_MIN_LOG_LEVEL")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def test_second_process_loads_the_exported_programs(tmp_path):
+    d = tmp_path / "cache"
+    # different hash seeds: the keys must not depend on Python's per-process string hashing
+    first = run(FIT, {"MIXEDJAX_CACHE_DIR": str(d), "PYTHONHASHSEED": "1"})
+    assert first.returncode == 0, first.stderr
+    s1 = json.loads(first.stdout.splitlines()[-1])
+    assert s1["exported"] >= 3 and s1["loaded"] == 0 and s1["plain"] == 0, s1  # cross-products, fit, estimates, ...
+    files = sorted(os.listdir(d / "export"))
+    assert len(files) == s1["exported"], files
+    second = run(FIT, {"MIXEDJAX_CACHE_DIR": str(d), "PYTHONHASHSEED": "2"})
+    assert second.returncode == 0, second.stderr
+    s2 = json.loads(second.stdout.splitlines()[-1])
+    assert s2["loaded"] == s1["exported"] and s2["exported"] == 0 and s2["plain"] == 0, s2
+    assert second.stdout.splitlines()[:-1] == first.stdout.splitlines()[:-1]  # same logLik, same summary
+    assert second.stderr == "", second.stderr
+    assert sorted(os.listdir(d / "export")) == files
+
+
+@pytest.fixture
+def export_dir(tmp_path, monkeypatch):
+    """An export directory of this test's own, whatever the suite's cache settings."""
+    d = tmp_path / "export"
+    monkeypatch.setattr(export_cache, "directory", lambda: d)
+    export_cache.reset_stats()
+    return d
+
+
+def _host_sin(x):
+    return jax.pure_callback(np.sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x) + 1.0
+
+
+def _scaled(x, k):
+    return jnp.sum(x) * k
+
+
+def test_unsupported_programs_fall_back_to_jit(export_dir):
+    x = jnp.linspace(0.0, 1.0, 5)
+    f = export_cache.cached_jit(_host_sin)  # a host callback: jax.export cannot serialize it
+    np.testing.assert_allclose(f(x), np.sin(np.asarray(x)) + 1.0)
+    np.testing.assert_allclose(f(x), np.sin(np.asarray(x)) + 1.0)  # the second call goes straight to jit
+    st = export_cache.stats()
+    assert st["plain"] == 1 and st["exported"] == 0, st
+    assert "_host_sin" in st["errors"][0]
+    assert not export_dir.exists() or not list(export_dir.iterdir())
+    # a static argument without a process-independent repr (a function) and a call under vmap: plain jit too
+    g = export_cache.cached_jit(lambda x, fn: fn(x), static_argnames=("fn",), name="test.apply")
+    np.testing.assert_allclose(g(x, fn=jnp.cos), np.cos(np.asarray(x)))
+    assert export_cache.stats()["plain"] == 2
+    h = export_cache.cached_jit(_scaled, static_argnames=("k",))
+    np.testing.assert_allclose(jax.vmap(lambda r: h(r, k=3.0))(jnp.ones((2, 4))), [12.0, 12.0])
+    assert export_cache.stats()["exported"] == 0
+    # and a supported one is exported once, then served from memory; a damaged file is replaced
+    assert float(h(x, k=2.0)) == pytest.approx(5.0)
+    assert float(h(x, k=2.0)) == pytest.approx(5.0)
+    assert export_cache.stats()["exported"] == 1
+    (path,) = export_dir.glob("*.bin")
+    path.write_bytes(b"not a program")
+    fresh = export_cache.cached_jit(_scaled, static_argnames=("k",))
+    assert float(fresh(x, k=2.0)) == pytest.approx(5.0)
+    assert export_cache.stats()["exported"] == 2 and path.read_bytes().startswith(export_cache.MAGIC)
+    again = export_cache.cached_jit(_scaled, static_argnames=("k",))
+    assert float(again(x, k=2.0)) == pytest.approx(5.0) and export_cache.stats()["loaded"] == 1
+
+
+def test_the_key_follows_static_arguments_and_shapes():
+    def key(static, shape, dtype=np.float64, weak=False, opts=None):
+        treedef = jax.tree_util.tree_structure({"x": 0})
+        return export_cache.program_key("m.f", static, treedef, ((shape, np.dtype(dtype), weak),), opts or {})
+
+    s1 = {"structure": CovStructure(q_re=1, re_names=("Group",))}
+    s2 = {"structure": CovStructure(q_re=2, re_names=("Group", "Time"))}
+    base = key(s1, (3, 2))
+    assert key(s1, (3, 2)) == base
+    assert key(dict(s1), (3, 2)) == base
+    assert len({base, key(s2, (3, 2)), key(s1, (3, 3)), key(s1, (3, 2), np.float32), key(s1, (3, 2), weak=True),
+                key(s1, (3, 2), opts={"xla_backend_optimization_level": 0})}) == 6
+    # reprs that carry an address (or a function) are refused: such programs are never written
+    with pytest.raises(export_cache.Unstable):
+        key({"fn": object()}, (3,))
+    with pytest.raises(export_cache.Unstable):
+        export_cache.stable_repr(jnp.cos)
+    assert export_cache.stable_repr(("a", 1, 2.5, None, True)) == export_cache.stable_repr(("a", 1, 2.5, None, True))
+
+
+def test_off_with_the_compilation_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXEDJAX_CACHE", "0")
+    assert export_cache.directory() is None
+    monkeypatch.delenv("MIXEDJAX_CACHE")
+    monkeypatch.setattr(export_cache.cache, "compilation_cache_dir", lambda: None)
+    assert export_cache.directory() is None
+    monkeypatch.setattr(export_cache.cache, "compilation_cache_dir", lambda: str(tmp_path))
+    assert export_cache.directory() == tmp_path / "export"
+    monkeypatch.setenv("MIXEDJAX_CACHE_MAX_BYTES", str(4 << 20))
+    assert export_cache.max_bytes() == 1 << 20
