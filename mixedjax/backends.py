@@ -640,7 +640,7 @@ class CrossedBackend:
 
         reml_arr = np.asarray(bool(reml))
         # compiled ahead, so that the optimiser's first batch runs concurrently (and calls skip jit's dispatch)
-        program = profiled_jit.lower(self, theta0, data, reml_arr).compile()
+        program = profiled_jit.compiled(self, theta0, data, reml_arr)
 
         def fun(phi):
             return float(program(to_theta(phi), data, reml_arr).deviance)

@@ -43,6 +43,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -241,6 +242,7 @@ def _write(path: Path, types: set, blob: bytes) -> None:
 
 
 def _read(path: Path) -> Any:
+    prepare_backend()
     data = path.read_bytes()
     if not data.startswith(MAGIC):
         raise ValueError(f"{path.name}: not a mixedjax export file")
@@ -252,6 +254,22 @@ def _read(path: Path) -> Any:
     except OSError:
         pass
     return exported
+
+
+@functools.lru_cache(maxsize=1)
+def prepare_backend() -> None:
+    """What JAX does while *lowering* that a loaded program still needs, once per process.
+
+    jaxlib fills its table of LAPACK kernels (from SciPy's) the first time it lowers a LAPACK call; a
+    program loaded from disk is never lowered from JAX's operations, and its first Cholesky would call
+    an empty table (a segmentation fault).  So the table is filled here, before any program is loaded.
+    """
+    if jax.default_backend() != "cpu":
+        return
+    try:
+        importlib.import_module("jaxlib.lapack").prepare_lapack_call("potrf_ffi", np.dtype(np.float64))
+    except Exception:  # noqa: BLE001 - another jaxlib layout: lower one Cholesky, as JAX would
+        jax.jit(jax.numpy.linalg.cholesky).lower(jax.ShapeDtypeStruct((2, 2), np.float32))
 
 
 def _evict(folder: Path) -> None:
@@ -302,31 +320,36 @@ class CachedJit:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["jitted"], name)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _resolve(self, args: tuple, kwargs: dict) -> tuple[Any, Any, dict]:
+        """``(in-process key, program or _PLAIN, dynamic arguments by name)`` of a call."""
         if self.signature is None or jax.config.jax_disable_jit:
-            return self.jitted(*args, **kwargs)
+            return None, _PLAIN, {}
         folder = directory()
         if folder is None:
-            return self.jitted(*args, **kwargs)
+            return None, _PLAIN, {}
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError:
-            return self.jitted(*args, **kwargs)  # jit's own error message
+            return None, _PLAIN, {}  # jit's own error message
         static, dyn = {}, {}
         for k, v in bound.arguments.items():
             (static if k in self.static_argnames else dyn)[k] = v
         leaves, treedef = jax.tree_util.tree_flatten(dyn)
         avals = tuple(_aval(x) for x in leaves)
         if None in avals:
-            return self.jitted(*args, **kwargs)
+            return None, _PLAIN, dyn
         try:
             local = (tuple(static.items()), treedef, avals)
             prog = self.programs.get(local)
         except TypeError:  # an unhashable static argument: jit says so
-            return self.jitted(*args, **kwargs)
+            return None, _PLAIN, dyn
         if prog is None:
             prog = self._program(folder, static, dyn, treedef, avals)
             self.programs[local] = prog
+        return local, prog, dyn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        local, prog, dyn = self._resolve(args, kwargs)
         if prog is not _PLAIN:
             try:
                 return prog(dyn)
@@ -334,6 +357,24 @@ class CachedJit:
                 self._note(e)
                 self.programs[local] = _PLAIN
         return self.jitted(*args, **kwargs)
+
+    def compiled(self, *args: Any, **kwargs: Any) -> Callable:
+        """The compiled program for these arguments, as ``jax.jit(...).lower(*args, **kwargs).compile()``: called
+        with the non-static arguments, positionally, in the order of the signature (no dispatch per call)."""
+        local, prog, dyn = self._resolve(args, kwargs)
+        if prog is not _PLAIN:
+            try:
+                program = prog.lower(dyn).compile()
+                names = list(dyn)
+
+                def call(*a: Any) -> Any:
+                    return program(dict(zip(names, a, strict=True)))
+
+                return call
+            except Exception as e:  # noqa: BLE001 - never break a fit
+                self._note(e)
+                self.programs[local] = _PLAIN
+        return self.jitted.lower(*args, **kwargs).compile()
 
     def _note(self, e: BaseException) -> None:
         _STATS["plain"] += 1

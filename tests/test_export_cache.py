@@ -18,12 +18,26 @@ from mixedjax.covariance import CovStructure
 
 FIT = textwrap.dedent("""
     import json, sys
+    import numpy as np
     import mixedjax
+    import lapack_program
     df = mixedjax.datasets.load("dyestuff")
     r = mixedjax.mixedlm("Yield ~ 1", df, groups="Batch").fit()
     print(repr(r.llf))
     print(r.summary())
+    print(lapack_program.chol_jit(np.eye(3) + 1.0))
     print(json.dumps(mixedjax.export_cache.stats()))
+""")
+# a program with a LAPACK call (jaxlib fills its LAPACK table only when it lowers one: a loaded program must not
+# find it empty)
+LAPACK_PROGRAM = textwrap.dedent("""
+    import jax.numpy as jnp
+    from mixedjax.export_cache import cached_jit
+
+    def chol(a):
+        return jnp.linalg.cholesky(a @ a.T)
+
+    chol_jit = cached_jit(chol)
 """)
 
 
@@ -36,14 +50,16 @@ def run(code: str, env: dict, timeout: float = 180) -> subprocess.CompletedProce
 
 def test_second_process_loads_the_exported_programs(tmp_path):
     d = tmp_path / "cache"
+    (tmp_path / "lapack_program.py").write_text(LAPACK_PROGRAM)
+    env = {"MIXEDJAX_CACHE_DIR": str(d), "PYTHONPATH": os.pathsep.join([str(tmp_path)] + sys.path)}
     # different hash seeds: the keys must not depend on Python's per-process string hashing
-    first = run(FIT, {"MIXEDJAX_CACHE_DIR": str(d), "PYTHONHASHSEED": "1"})
+    first = run(FIT, dict(env, PYTHONHASHSEED="1"))
     assert first.returncode == 0, first.stderr
     s1 = json.loads(first.stdout.splitlines()[-1])
-    assert s1["exported"] >= 3 and s1["loaded"] == 0 and s1["plain"] == 0, s1  # cross-products, fit, estimates, ...
+    assert s1["exported"] >= 4 and s1["loaded"] == 0 and s1["plain"] == 0, s1  # cross-products, fit, estimates, ...
     files = sorted(os.listdir(d / "export"))
     assert len(files) == s1["exported"], files
-    second = run(FIT, {"MIXEDJAX_CACHE_DIR": str(d), "PYTHONHASHSEED": "2"})
+    second = run(FIT, dict(env, PYTHONHASHSEED="2"))
     assert second.returncode == 0, second.stderr
     s2 = json.loads(second.stdout.splitlines()[-1])
     assert s2["loaded"] == s1["exported"] and s2["exported"] == 0 and s2["plain"] == 0, s2
@@ -89,6 +105,8 @@ def test_unsupported_programs_fall_back_to_jit(export_dir):
     assert float(h(x, k=2.0)) == pytest.approx(5.0)
     assert float(h(x, k=2.0)) == pytest.approx(5.0)
     assert export_cache.stats()["exported"] == 1
+    assert float(h.compiled(x, k=2.0)(x + 1.0)) == pytest.approx(15.0)  # as jit(...).lower(...).compile()
+    assert float(g.compiled(x, fn=jnp.cos)(x)[0]) == pytest.approx(1.0)
     (path,) = export_dir.glob("*.bin")
     path.write_bytes(b"not a program")
     fresh = export_cache.cached_jit(_scaled, static_argnames=("k",))
