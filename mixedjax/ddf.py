@@ -69,6 +69,7 @@ from scipy.sparse.csgraph import connected_components
 
 from . import terms as tm
 from .backends import SINGLE_FIT, cov_beta_vp, deviance_vp, jacobian_transform
+from .export_cache import cached_jit
 from .fit import FittedModel
 
 KR_MAX_BLOCK = 6000
@@ -98,9 +99,9 @@ def _jacobian_cov_vp_fun(backend: Any, vp: Any, data: Any) -> Any:
     return jacobian_transform(backend)(cov_beta_vp, argnums=1)(backend, vp, data)
 
 
-_hessian_vp = jax.jit(_hessian_vp_fun, static_argnames=("backend",), compiler_options=SINGLE_FIT)
+_hessian_vp = cached_jit(_hessian_vp_fun, static_argnames=("backend",), compiler_options=SINGLE_FIT)
 _hessian_vp.__doc__ = "Hessian of :func:`mixedjax.backends.deviance_vp` in ``vp = concat(θ, ρ, σ)``."
-_jacobian_cov_vp = jax.jit(_jacobian_cov_vp_fun, static_argnames=("backend",), compiler_options=SINGLE_FIT)
+_jacobian_cov_vp = cached_jit(_jacobian_cov_vp_fun, static_argnames=("backend",), compiler_options=SINGLE_FIT)
 _jacobian_cov_vp.__doc__ = "Jacobian ``(p, p, k)`` of :func:`mixedjax.backends.cov_beta_vp` in ``vp``."
 
 

@@ -17,7 +17,8 @@ default backend and device count, and a hash of the source of every ``mixedjax/*
 change to mixedjax's code starts afresh).
 
 * where: ``export/`` inside :func:`mixedjax.cache.compilation_cache_dir`; off whenever that cache
-  is off (``MIXEDJAX_CACHE=0``, :func:`mixedjax.cache.disable_compilation_cache`);
+  is off (``MIXEDJAX_CACHE=0``, :func:`mixedjax.cache.disable_compilation_cache`), and on its own with
+  ``MIXEDJAX_EXPORT_CACHE=0`` (read at every call);
 * size: a quarter of ``$MIXEDJAX_CACHE_MAX_BYTES`` (default 256 MiB), the least recently used
   files removed first;
 * never in the way: a program ``jax.export`` cannot serialize (host callbacks, custom pytrees,
@@ -169,7 +170,8 @@ def program_key(fun_id: str, static: dict, treedef: Any, avals: tuple, compiler_
 def directory() -> Path | None:
     """Where serialized programs are kept now (``None``: off, as the compilation cache)."""
     d = cache.compilation_cache_dir()
-    if not d or os.environ.get("MIXEDJAX_CACHE", "1").strip().lower() in ("0", "off", "false", "no"):
+    if not d or any(os.environ.get(v, "1").strip().lower() in ("0", "off", "false", "no")
+                    for v in ("MIXEDJAX_CACHE", "MIXEDJAX_EXPORT_CACHE")):
         return None
     return Path(d) / SUBDIR
 

@@ -18,7 +18,6 @@ Examples
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from . import terms as tm
 from .backends import SNAP_TOL, deviance, profiled_jit, single_threaded_blas
+from .export_cache import cached_jit
 from .optimize import Result, Solution, minimize
 
 
@@ -147,14 +147,14 @@ def _constrained_deviance(x: jax.Array, base: jax.Array, free_idx: jax.Array, ba
     return deviance(backend, base.at[free_idx].set(x), data, reml)
 
 
-@functools.partial(jax.jit, static_argnames=("snap", "backend"))
+@cached_jit(static_argnames=("snap", "backend"))
 def _minimize_constrained(x0: jax.Array, base: jax.Array, free_idx: jax.Array, snap: tuple, backend: Any,
                           data: Any, reml: Any) -> Solution:
     return minimize(lambda x: _constrained_deviance(x, base, free_idx, backend, data, reml), x0, maxiter=500,
                     gtol=1e-7, snap=np.array(snap, bool), snap_tol=SNAP_TOL)
 
 
-@functools.partial(jax.jit, static_argnames=("backend",))
+@cached_jit(static_argnames=("backend",))
 def _deviance_at(theta: jax.Array, backend: Any, data: Any, reml: Any) -> jax.Array:
     return deviance(backend, theta, data, reml)
 

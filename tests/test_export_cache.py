@@ -137,9 +137,10 @@ def test_the_key_follows_static_arguments_and_shapes():
 
 
 def test_off_with_the_compilation_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("MIXEDJAX_CACHE", "0")
-    assert export_cache.directory() is None
-    monkeypatch.delenv("MIXEDJAX_CACHE")
+    for var in ("MIXEDJAX_CACHE", "MIXEDJAX_EXPORT_CACHE"):
+        monkeypatch.setenv(var, "0")
+        assert export_cache.directory() is None
+        monkeypatch.delenv(var)
     monkeypatch.setattr(export_cache.cache, "compilation_cache_dir", lambda: None)
     assert export_cache.directory() is None
     monkeypatch.setattr(export_cache.cache, "compilation_cache_dir", lambda: str(tmp_path))
