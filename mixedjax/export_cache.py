@@ -143,19 +143,53 @@ def _jaxlib_version() -> str:
     return str(getattr(jaxlib, "__version__", "?"))
 
 
+_KIND: dict[type, str] = {}  # argument leaf type -> "jax", "numpy", "scalar" or "" (unusable: plain jit)
+
+
+def _kind(t: type) -> str:
+    if issubclass(t, _TRACER):  # under a transformation: plain jit
+        kind = ""
+    elif issubclass(t, jax.Array):
+        kind = "jax"
+    elif issubclass(t, np.ndarray | np.generic):
+        kind = "numpy"
+    elif issubclass(t, bool | int | float | complex):
+        kind = "scalar"
+    else:
+        kind = ""
+    _KIND[t] = kind
+    return kind
+
+
+def _signature(leaves: list) -> tuple | None:
+    """In-process signature of the argument leaves (shapes, dtypes); ``None`` if one is unusable (a tracer, an array
+    sharded over several devices, a non-array)."""
+    out = []
+    for x in leaves:
+        t = type(x)
+        kind = _KIND.get(t)
+        if kind is None:
+            kind = _kind(t)
+        if kind == "jax":
+            if x.committed and not isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
+                return None  # sharded over devices: plain jit keeps the shardings
+            out.append((x.shape, x.dtype, x.weak_type))
+        elif kind == "numpy":
+            out.append((x.shape, x.dtype))
+        elif kind == "scalar":
+            out.append(t)
+        else:
+            return None
+    return tuple(out)
+
+
 def _aval(x: Any) -> tuple:
-    """In-process signature of one argument leaf: ``(shape, dtype, weak type)``; ``None`` if unusable."""
-    if isinstance(x, _TRACER):
-        return None
+    """``(shape, dtype, weak type)`` of an argument leaf accepted by :func:`_signature` (for the disk key)."""
     if isinstance(x, jax.Array):
-        if not isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
-            return None  # sharded over devices: plain jit keeps the shardings
-        return (x.shape, x.dtype, x.weak_type)
+        return (tuple(x.shape), np.dtype(x.dtype), bool(x.weak_type))
     if isinstance(x, np.ndarray | np.generic):
-        return (x.shape, x.dtype, False)
-    if isinstance(x, (bool, int, float, complex)):
-        return ((), type(x), True)
-    return None
+        return (tuple(x.shape), np.dtype(x.dtype), False)
+    return ((), type(x), True)
 
 
 def program_key(fun_id: str, static: dict, treedef: Any, avals: tuple, compiler_options: dict) -> str:
@@ -170,9 +204,17 @@ def program_key(fun_id: str, static: dict, treedef: Any, avals: tuple, compiler_
 def directory() -> Path | None:
     """Where serialized programs are kept now (``None``: off, as the compilation cache)."""
     d = cache.compilation_cache_dir()
-    if not d or any(os.environ.get(v, "1").strip().lower() in ("0", "off", "false", "no")
-                    for v in ("MIXEDJAX_CACHE", "MIXEDJAX_EXPORT_CACHE")):
+    if not d or _off(os.environ.get("MIXEDJAX_CACHE")) or _off(os.environ.get("MIXEDJAX_EXPORT_CACHE")):
         return None
+    return _subdir(d)
+
+
+def _off(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in ("0", "off", "false", "no")
+
+
+@functools.lru_cache(maxsize=16)
+def _subdir(d: str) -> Path:
     return Path(d) / SUBDIR
 
 
@@ -311,42 +353,49 @@ class CachedJit:
             self.fun_id += f"@{_code_hash(fun)}"  # outside mixedjax, source_hash() does not see the code
         self.programs: dict = {}
         try:
-            self.signature: inspect.Signature | None = inspect.signature(fun)
+            params = list(inspect.signature(fun).parameters.values())
         except (TypeError, ValueError):
-            self.signature = None
-        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        if self.signature is None or any(p.kind not in kinds for p in self.signature.parameters.values()) \
-                or ("<lambda>" in self.fun_id and name is None) or ("<locals>" in self.fun_id and name is None):
-            self.signature = None  # no reliable name or keyword calling convention: plain jit always
+            params = None
+        usable = params is not None and all(
+            p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params) and (
+            name is not None or ("<lambda>" not in self.fun_id and "<locals>" not in self.fun_id))
+        # None: no reliable name or keyword calling convention, plain jit always
+        self.names: tuple | None = tuple(p.name for p in params) if usable else None
+        self.positional = tuple(p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD) if usable else ()
+        self.required = frozenset(p.name for p in params if p.default is p.empty) if usable else frozenset()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["jitted"], name)
 
     def _resolve(self, args: tuple, kwargs: dict) -> tuple[Any, Any, dict]:
         """``(in-process key, program or _PLAIN, dynamic arguments by name)`` of a call."""
-        if self.signature is None or jax.config.jax_disable_jit:
+        if self.names is None or jax.config.jax_disable_jit:
             return None, _PLAIN, {}
         folder = directory()
-        if folder is None:
+        if folder is None or len(args) > len(self.positional):
             return None, _PLAIN, {}
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError:
-            return None, _PLAIN, {}  # jit's own error message
+        arguments = dict(zip(self.positional, args, strict=False))
+        for k, v in kwargs.items():
+            if k in arguments or k not in self.names:
+                return None, _PLAIN, {}  # jit's own error message
+            arguments[k] = v
+        if not self.required <= arguments.keys():
+            return None, _PLAIN, {}
         static, dyn = {}, {}
-        for k, v in bound.arguments.items():
-            (static if k in self.static_argnames else dyn)[k] = v
+        for k in self.names:  # the signature's order
+            if k in arguments:
+                (static if k in self.static_argnames else dyn)[k] = arguments[k]
         leaves, treedef = jax.tree_util.tree_flatten(dyn)
-        avals = tuple(_aval(x) for x in leaves)
-        if None in avals:
+        sig = _signature(leaves)
+        if sig is None:
             return None, _PLAIN, dyn
         try:
-            local = (tuple(static.items()), treedef, avals)
+            local = (tuple(static.items()), treedef, sig)
             prog = self.programs.get(local)
         except TypeError:  # an unhashable static argument: jit says so
             return None, _PLAIN, dyn
         if prog is None:
-            prog = self._program(folder, static, dyn, treedef, avals)
+            prog = self._program(folder, static, dyn, treedef, tuple(_aval(x) for x in leaves))
             self.programs[local] = prog
         return local, prog, dyn
 
