@@ -77,6 +77,7 @@ from .likelihood import (
     profile,
     profile_normal,
     solve_groups,
+    sum_fixed_parts,
 )
 from .linalg import solve_lower, solve_upper_t, spd_inverse
 from .optimize import Result, Solution, minimize, minimize_many
@@ -242,6 +243,7 @@ def _rows_kept(data: GroupedModelData, what: str) -> None:
 def _fit_grouped(theta0: Array, cp: CrossProducts, zmask: Array, structure: CovStructure, reml: bool | Array = True,
                  maxiter: int = 200, gtol: float = 1e-6, em_iter: int = 30) -> Solution:
     """EM warm start, BFGS on the closed-form gradient, gradient polish, boundary snap (pure JAX)."""
+    cp = sum_fixed_parts(cp)
     return minimize(lambda theta: profile(theta, cp, structure, reml).deviance, theta0,
                     warm_value_and_step=lambda theta: em_update(theta, cp, zmask, structure, reml), n_warm=em_iter,
                     maxiter=maxiter, gtol=gtol,

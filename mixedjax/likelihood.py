@@ -147,6 +147,17 @@ def solve_groups(lam: Array, cp: CrossProducts) -> GroupSolve:
     return GroupSolve(chol, c, d)
 
 
+def sum_fixed_parts(cp: CrossProducts) -> CrossProducts:
+    """``cp`` with ``XᵀX``, ``Xᵀy`` and ``yᵀy`` summed over the groups (a group axis of length 1).
+
+    Only their sums enter the likelihood, its gradient and the EM step (:func:`normal_equations`);
+    summed once before a fit, an evaluation reads 14 numbers per group instead of 35 (q = 2, p = 4),
+    which is what it costs with a million groups.
+    """
+    return cp._replace(xtx=jnp.sum(cp.xtx, axis=0, keepdims=True), xty=jnp.sum(cp.xty, axis=0, keepdims=True),
+                       yty=jnp.sum(cp.yty, axis=0, keepdims=True))
+
+
 def normal_equations(gs: GroupSolve, cp: CrossProducts) -> Normal:
     """Sum the per-group Woodbury pieces into the GLS normal equations (broadcast sums, no tiny matmuls)."""
     a = jnp.sum(cp.xtx, axis=0) - group_einsum("gip,giq->pq", gs.c, gs.c)
