@@ -5,14 +5,16 @@ Usage::
 
     python benchmarks/parquet_scale.py                                  # 20M rows, 200k groups, Parquet
     python benchmarks/parquet_scale.py --rows 2000000 --groups 20000    # a quick run
-    python benchmarks/parquet_scale.py --rows 10000000 --groups 1000000 --engine dask   # the ladder's 10M rung
+    python benchmarks/parquet_scale.py --rows 10000000 --groups 1000000 --engine dask   # 10M rows, 1M groups
+    python benchmarks/parquet_scale.py --ladder-rung /tmp/mixedjax-ladder/g1000000_seed20261126 --engine dask
 
 Data (fixed seed): ``--rows`` rows over ``--groups`` groups, each row's group drawn uniformly at random, so the
 rows are not sorted by group and every group spans every file; ``x1, x2, x3`` standard normal,
 ``y = 1 + 0.5 x1 - 0.3 x2 + 0.2 x3 + b0_g + b1_g x1 + e`` with sd(b0) = 1, sd(b1) = 0.5, corr(b0, b1) = 0.3,
 sd(e) = 1 (the ladder's model, ``benchmarks/ladder.py``); ``g`` an int64 column.  Written once as ``--files``
 Parquet files (row groups of 1M rows) under ``--data-dir`` (default ``/tmp/mixedjax-parquet-scale``), in a
-separate process, and reused.
+separate process, and reused.  ``--ladder-rung DIR``: the same model on one rung of ``benchmarks/ladder.py``
+(its raw columns, e.g. the 1M-group rung of 10M rows, written by ``ladder.py``), converted once to Parquet.
 
 Model: ``mixedjax.mixedlm("y ~ x1 + x2 + x3", path, groups="g", re_formula="~x1").fit()`` (REML), in a FRESH
 process with an empty compilation cache (compile included).  ``--engine dask`` passes
@@ -70,7 +72,34 @@ def generate(path: Path, rows: int, groups: int, files: int, seed: int) -> None:
     (path / "_meta.json").write_text(json.dumps({"rows": rows, "groups": groups, "files": files, "seed": seed}))
 
 
-def ensure_data(data_dir: Path, rows: int, groups: int, files: int, seed: int) -> Path:
+def from_ladder(rung: Path, path: Path, files: int) -> None:
+    """A rung of ``benchmarks/ladder.py`` (raw little-endian columns) as ``files`` Parquet files, in chunks."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = json.loads((rung / "meta.json").read_text())
+    cols = {c: np.memmap(rung / f"{c}.{t}", dtype="<f8" if t == "f64" else "<i4", mode="r")
+            for c, t in meta["columns"].items()}
+    n = meta["n_rows"]
+    path.mkdir(parents=True, exist_ok=True)
+    for f, idx in enumerate(np.array_split(np.arange(n), files)):
+        with pq.ParquetWriter(path / f"part-{f:03d}.parquet", pa.schema([(c, pa.float64() if t == "f64" else pa.int32())
+                                                                        for c, t in meta["columns"].items()])) as w:
+            for lo in range(idx[0], idx[-1] + 1, CHUNK):
+                hi = min(lo + CHUNK, idx[-1] + 1)
+                w.write_table(pa.table({c: np.asarray(v[lo:hi]) for c, v in cols.items()}), row_group_size=CHUNK)
+    (path / "_meta.json").write_text(json.dumps({"rows": n, "groups": meta["n_groups"], "files": files,
+                                                 "ladder_rung": str(rung)}))
+
+
+def ensure_data(data_dir: Path, rows: int, groups: int, files: int, seed: int, rung: str | None = None) -> Path:
+    if rung:
+        path = data_dir / f"ladder_{Path(rung).name}_files{files}"
+        if not (path / "_meta.json").exists():
+            print(f"converting the ladder's rung {rung} to Parquet in {path} ...", file=sys.stderr, flush=True)
+            from_ladder(Path(rung), path, files)
+        return path
     path = data_dir / f"rows{rows}_groups{groups}_files{files}_seed{seed}"
     meta = path / "_meta.json"
     if not meta.exists():
@@ -148,6 +177,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="dask: LocalCluster worker processes (0: threads)")
     ap.add_argument("--batch-size", type=int, default=None, help="Parquet rows per batch (default 524288)")
     ap.add_argument("--data-dir", default="/tmp/mixedjax-parquet-scale")
+    ap.add_argument("--ladder-rung", help="a rung directory written by benchmarks/ladder.py (raw columns)")
     ap.add_argument("--check", action="store_true", help="also fit in memory (pandas) and compare logLik")
     ap.add_argument("--_generate")
     ap.add_argument("--_child", action="store_true")
@@ -159,7 +189,7 @@ def main() -> None:
     if a._child:
         print(MARK + json.dumps(child(Path(a._path), a.engine, a.batch_size, a.workers, a.check)), flush=True)
         return
-    path = ensure_data(Path(a.data_dir), a.rows, a.groups, a.files, a.seed)
+    path = ensure_data(Path(a.data_dir), a.rows, a.groups, a.files, a.seed, a.ladder_rung)
     env = dict(os.environ, MIXEDJAX_CACHE_DIR=tempfile.mkdtemp(prefix="mixedjax-scale-cache-"))
     load_before = os.getloadavg()[0]
     cmd = [sys.executable, __file__, "--_child", "--_path", str(path), "--engine", a.engine, "--workers",
