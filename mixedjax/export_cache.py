@@ -171,9 +171,12 @@ def _signature(leaves: list) -> tuple | None:
         if kind is None:
             kind = _kind(t)
         if kind == "jax":
-            if x.committed and not isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
-                return None  # sharded over devices: plain jit keeps the shardings
-            out.append((x.shape, x.dtype, x.weak_type))
+            try:
+                if x.committed and not isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
+                    return None  # sharded over devices: plain jit keeps the shardings
+                out.append((x.shape, x.dtype, x.weak_type))
+            except Exception:  # noqa: BLE001 - not a concrete array (a tracer of another JAX version)
+                return None
         elif kind == "numpy":
             out.append((x.shape, x.dtype))
         elif kind == "scalar":
