@@ -249,6 +249,9 @@ def pieces_of(data: Any, batch_size: int | None = None) -> Pieces:
 
 # ====================================================================================== first pass
 _STATEFUL = re.compile(r"\b(center|scale|standardize|bs|cs|cr|cc|te|poly|lag)\s*\(")
+_STATEFUL_MESSAGE = ("the formula {!r} has a data-dependent transform (center, scale, splines, poly, ...): out of "
+                     "memory its state would come from part of the data. Compute the column before writing the "
+                     "data, or fit in memory")
 
 
 def _categorical_columns(formulas: list[str], probe: pd.DataFrame) -> set[str]:
@@ -259,16 +262,12 @@ def _categorical_columns(formulas: list[str], probe: pd.DataFrame) -> set[str]:
         if fml.as_rhs(f) in ("0", "-1", "1", ""):
             continue
         if _STATEFUL.search(f):
-            raise NotImplementedError(f"the formula {f!r} has a data-dependent transform (center, scale, splines, "
-                                      "poly, ...): out of memory its state would come from part of the data. "
-                                      "Compute the column before writing the data, or fit in memory")
+            raise NotImplementedError(_STATEFUL_MESSAGE.format(f))
         spec = fml.design(f, probe).attrs.get("model_spec")
         if spec is None:
             continue
         if spec.transform_state:
-            raise NotImplementedError(f"the formula {f!r} has a data-dependent transform (center, scale, splines, "
-                                      "poly, ...): out of memory its state would come from part of the data. "
-                                      "Compute the column before writing the data, or fit in memory")
+            raise NotImplementedError(_STATEFUL_MESSAGE.format(f))
         kinds = spec.encoder_state
         for factor, variables in spec.factor_variables.items():
             state = kinds.get(str(factor))
