@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -44,6 +43,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import machine
 
 FORMULA = "y ~ x1 + x2 + x3"
 RE_FORMULA = "~x1"
@@ -63,14 +64,6 @@ def simulate(n_rows: int, n_groups: int, seed: int):
     b = rng.standard_normal((n_groups, 2)) @ chol.T
     y = 1.0 + 0.5 * x[0] - 0.3 * x[1] + 0.2 * x[2] + b[g, 0] + b[g, 1] * x[0] + rng.standard_normal(n_rows)
     return pd.DataFrame({"y": y, "x1": x[0], "x2": x[1], "x3": x[2], "g": g})
-
-
-def _hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _time_calls(fn, calls: int, warmup: int) -> tuple[float, float]:
@@ -127,33 +120,8 @@ def child(n_rows: int, n_groups: int, calls: int, warmup: int, seed: int) -> dic
         dg_jit = jax.jit(likelihood.deviance_and_grad, static_argnames=("structure", "reml"))
         out["dg_median_s"], out["dg_min_s"] = _time_calls(lambda: dg_jit(theta, cp, structure, reml), calls, warmup)
         out["cp_shapes"] = {k: list(v.shape) for k, v in cp._asdict().items() if hasattr(v, "shape")}
-    out["hwm_mib"] = _hwm_mib()
+    out["hwm_mib"] = machine.hwm_mib()
     return out
-
-
-def _load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
-def _version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _us(s: float | None) -> str:
@@ -177,11 +145,11 @@ def main() -> None:
         return
 
     rows = [int(float(s)) for s in args.rows.split(",") if s.strip()]
-    started, load0 = datetime.datetime.now(), _load()
+    started, load0 = datetime.datetime.now(), machine.load()
     results = []
     for n in rows:
         print(f"[{n:,} rows] ...", file=sys.stderr, flush=True)
-        load = _load()
+        load = machine.load()
         cmd = [sys.executable, os.path.abspath(__file__), "--_child", str(n), "--groups", str(args.groups),
                "--calls", str(args.calls), "--warmup", str(args.warmup), "--seed", str(args.seed)]
         env = dict(os.environ) if args.keep_cache else dict(os.environ, MIXEDJAX_CACHE="0")
@@ -199,10 +167,11 @@ def main() -> None:
 
     ok = [r for r in results if "failed" not in r]
     lines = [f"Date: {started:%Y-%m-%d %H:%M}  ",
-             f"Machine: {platform.platform()}, {_cpu_model()}, {os.cpu_count()} CPUs; 1-min load average "
-             f"{load0:.2f} at the start, {_load():.2f} at the end  ",
-             f"Python {platform.python_version()}, jax {_version('jax')}, jaxlib {_version('jaxlib')}, numpy "
-             f"{_version('numpy')}" + (f"; JAX backend {ok[0]['backend']}" if ok else "") + "  ",
+             f"Machine: {platform.platform()}, {machine.cpu_model()}, {os.cpu_count()} CPUs; 1-min load average "
+             f"{load0:.2f} at the start, {machine.load():.2f} at the end  ",
+             f"Python {platform.python_version()}, jax {machine.version('jax')}, "
+             f"jaxlib {machine.version('jaxlib')}, numpy {machine.version('numpy')}"
+             + (f"; JAX backend {ok[0]['backend']}" if ok else "") + "  ",
              f"Model: `{FORMULA}`, `re_formula=\"{RE_FORMULA}\"`, groups `g` ({args.groups:,} groups), REML, iid "
              f"residuals; seed {args.seed}; each row count in a fresh process"
              + ("" if args.keep_cache else " without the persistent compilation cache") + ".  ",

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -48,6 +47,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT / "mixedjax" / "datasets"
@@ -129,31 +130,6 @@ def run_script(path: Path, env: dict, timeout: float) -> dict:
     return res
 
 
-def _load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
-def _version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="warm mixedjax and statsmodels runs (median)")
@@ -168,7 +144,7 @@ def main() -> None:
         return
 
     which = [s.strip() for s in args.scripts.split(",") if s.strip()]
-    started, load0 = datetime.datetime.now(), _load()
+    started, load0 = datetime.datetime.now(), machine.load()
     tmp = Path(tempfile.mkdtemp(prefix="mixedjax-first-fit-"))
     env = {k: v for k, v in os.environ.items() if k != "MIXEDJAX_CACHE"}
     res: dict = {}
@@ -183,7 +159,7 @@ def main() -> None:
             mj_env = dict(env, MIXEDJAX_CACHE_DIR=str(cache))
             r = res[name] = {"warm": [], "sm": [], "loads": []}
             print(f"[{name}] mixedjax, cold cache", file=sys.stderr, flush=True)
-            r["loads"].append(_load())
+            r["loads"].append(machine.load())
             r["cold"] = run_script(paths["mixedjax"], mj_env, args.timeout)
             files = [p for p in cache.rglob("*") if p.is_file()]
             r["cache_files"], r["cache_mib"] = len(files), sum(p.stat().st_size for p in files) / 2**20
@@ -192,19 +168,20 @@ def main() -> None:
             for i in range(args.repeats):
                 print(f"[{name}] mixedjax warm / statsmodels, run {i + 1} of {args.repeats}", file=sys.stderr,
                       flush=True)
-                r["loads"].append(_load())
+                r["loads"].append(machine.load())
                 r["warm"].append(run_script(paths["mixedjax"], mj_env, args.timeout))
                 r["sm"].append(run_script(paths["statsmodels"], env, args.timeout))
-            r["loads"].append(_load())
+            r["loads"].append(machine.load())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     lines = [f"Date: {started:%Y-%m-%d %H:%M}  ",
-             f"Machine: {platform.platform()}, {_cpu_model()}, {os.cpu_count()} CPUs; 1-min load average "
-             f"{load0:.2f} at the start, {_load():.2f} at the end  ",
-             f"Python {platform.python_version()}, jax {_version('jax')}, jaxlib {_version('jaxlib')}, mixedjax "
-             f"{_version('mixedjax')}, statsmodels {_version('statsmodels')}, pandas {_version('pandas')}, numpy "
-             f"{_version('numpy')}  ",
+             f"Machine: {platform.platform()}, {machine.cpu_model()}, {os.cpu_count()} CPUs; 1-min load average "
+             f"{load0:.2f} at the start, {machine.load():.2f} at the end  ",
+             f"Python {platform.python_version()}, jax {machine.version('jax')}, jaxlib "
+             f"{machine.version('jaxlib')}, mixedjax {machine.version('mixedjax')}, statsmodels "
+             f"{machine.version('statsmodels')}, pandas {machine.version('pandas')}, numpy "
+             f"{machine.version('numpy')}  ",
              f"Wall seconds of a whole `python script.py` process (imports included); warm and statsmodels: median "
              f"of {args.repeats} runs, alternating.  ", "",
              "| script | mixedjax, cold cache (s) | mixedjax, warm cache (s) | statsmodels, first run (s) | "

@@ -70,6 +70,8 @@ import time
 import warnings
 from pathlib import Path
 
+import machine
+
 FORMULA = "y ~ x1 + x2 + x3"
 RE_FORMULA = "~x1"
 LMER_FORMULA = "y ~ x1 + x2 + x3 + (x1 | g)"
@@ -139,19 +141,6 @@ def load_frame(d: Path):
 
 
 # ================================================================================ child processes
-def _hwm_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _ready() -> None:
     print(READY, flush=True)
 
@@ -208,7 +197,7 @@ def child_mixedjax(d: Path, repeats: int) -> dict:
         t, r2, _w = fit()
         out["repeat_s"].append(t)
         out["repeat_llf"].append(float(r2.llf))
-    out["hwm_mib"] = _hwm_mib()
+    out["hwm_mib"] = machine.hwm_mib()
     return out
 
 
@@ -239,7 +228,7 @@ def child_mixedlm(d: Path, repeats: int) -> dict:
     out["repeat_s"] = []
     for _ in range(repeats):
         out["repeat_s"].append(fit()[0])
-    out["hwm_mib"] = _hwm_mib()
+    out["hwm_mib"] = machine.hwm_mib()
     return out
 
 
@@ -265,7 +254,7 @@ def child_statsmodels(d: Path, repeats: int) -> dict:
     out["llf"], out["converged"] = float(r.llf), bool(r.converged)
     out["warnings"] = sorted({f"{type(v.message).__name__}"[:160] for v in w})
     out["repeat_s"] = [fit()[0] for _ in range(repeats)]
-    out["hwm_mib"] = _hwm_mib()
+    out["hwm_mib"] = machine.hwm_mib()
     return out
 
 
@@ -377,42 +366,6 @@ def lme4_child(d: Path, n_rows: int, repeats: int, fit_timeout: float) -> dict:
 
 
 # ================================================================================ reporting
-def _load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
-def _version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _mem_total_gib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
-
-
 def _s(x: float | None) -> str:
     if x is None:
         return "—"
@@ -624,7 +577,7 @@ def main() -> None:
     out_md = args.out or args.data_dir / "ladder.md"
     out_png = args.plot or args.data_dir / "ladder.png"
     started = datetime.datetime.now()
-    load_start = _load()
+    load_start = machine.load()
     base_env = dict(os.environ)
     cpu_env = dict(base_env, JAX_PLATFORMS="cpu") if args.device == "gpu" else base_env
     rungs: list[dict] = []
@@ -632,7 +585,7 @@ def main() -> None:
     cache_root = Path(tempfile.mkdtemp(prefix="cache-", dir=args.data_dir))
 
     def timed(fn, *a) -> dict:
-        load = _load()
+        load = machine.load()
         run = fn(*a)
         run["load"] = load
         st = run.get("status")
@@ -665,14 +618,14 @@ def main() -> None:
             print(f"[{g:,} groups] mixedlm", file=sys.stderr, flush=True)
             rung["mixedlm"] = timed(python_child, "mixedlm", d, args.repeats, cpu_env, args.timeout)
         if sm_skip:
-            rung["statsmodels"] = {"status": "skipped", "note": sm_skip, "load": _load()}
+            rung["statsmodels"] = {"status": "skipped", "note": sm_skip, "load": machine.load()}
         else:
             print(f"[{g:,} groups] statsmodels", file=sys.stderr, flush=True)
             rung["statsmodels"] = timed(python_child, "statsmodels", d, 0, cpu_env, args.sm_timeout)
             if rung["statsmodels"]["status"] == "timeout":
                 sm_skip = f"skipped after the timeout at {g:,} groups"
         if args.skip_lme4:
-            rung["lme4"] = {"status": "skipped", "note": "--skip-lme4", "load": _load()}
+            rung["lme4"] = {"status": "skipped", "note": "--skip-lme4", "load": machine.load()}
         else:
             print(f"[{g:,} groups] lme4", file=sys.stderr, flush=True)
             rung["lme4"] = timed(lme4_child, d, meta["n_rows"], args.repeats, args.timeout)
@@ -685,12 +638,12 @@ def main() -> None:
     mj = next((r["mj_warm"]["result"] for r in rungs if r["mj_warm"].get("status") == "ok"), None)
     lme = next((r["lme4"]["result"] for r in rungs if r.get("lme4", {}).get("status") == "ok"), None)
     lines = [f"Date: {started:%Y-%m-%d %H:%M}  ",
-             f"Machine: {platform.platform()}, {_cpu_model()}, {os.cpu_count()} CPUs, "
-             f"{_mem_total_gib():.0f} GiB; 1-min load average {load_start:.2f} at the start, {_load():.2f} at "
-             f"the end  ",
-             f"Python {platform.python_version()}, jax {_version('jax')}, jaxlib {_version('jaxlib')}, numpy "
-             f"{_version('numpy')}, pandas {_version('pandas')}, mixedlm {_version('mixedlm')}, statsmodels "
-             f"{_version('statsmodels')}"
+             f"Machine: {platform.platform()}, {machine.cpu_model()}, {os.cpu_count()} CPUs, "
+             f"{machine.mem_total_gib():.0f} GiB; 1-min load average {load_start:.2f} at the start, "
+             f"{machine.load():.2f} at the end  ",
+             f"Python {platform.python_version()}, jax {machine.version('jax')}, jaxlib "
+             f"{machine.version('jaxlib')}, numpy {machine.version('numpy')}, pandas {machine.version('pandas')}, "
+             f"mixedlm {machine.version('mixedlm')}, statsmodels {machine.version('statsmodels')}"
              + (f", R {lme['R']} with lme4 {lme['version']} (BLAS {lme['blas']})" if lme else "") + "  "]
     if mj:
         lines.append(f"mixedjax: `import jax, mixedjax` {mj['import_s']:.2f} s (not timed), backend {mj['backend']} "
@@ -712,7 +665,7 @@ def main() -> None:
                                                         "started": f"{started:%Y-%m-%d %H:%M}", "rungs": rungs},
                                                        indent=1))
     try:
-        plot(rungs, out_png, f"y ~ x1 + x2 + x3 + (x1 | g), REML; {_cpu_model()}, {os.cpu_count()} CPUs; "
+        plot(rungs, out_png, f"y ~ x1 + x2 + x3 + (x1 | g), REML; {machine.cpu_model()}, {os.cpu_count()} CPUs; "
                              f"{started:%Y-%m-%d}")
         print(f"Report written to {out_md}; plot to {out_png}.", file=sys.stderr)
     except ImportError:

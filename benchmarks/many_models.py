@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -49,6 +48,8 @@ import sys
 import tempfile
 import time
 import warnings
+
+import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_GROUPS, N_PER = 18, 10
@@ -95,29 +96,11 @@ def _mem() -> dict:
             "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _load() -> str:
     try:
         return f"{os.getloadavg()[0]:.2f}"
     except OSError:
         return "n/a"
-
-
-def _version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 # ---------------------------------------------------------------------------- mixedjax worker
@@ -304,10 +287,10 @@ def _fmt_s(s: float) -> str:
 
 def _machine(mj: dict, lme: dict | None) -> list[str]:
     lines = [f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}  ",
-             f"Machine: {platform.platform()}, {_cpu_model()}, {os.cpu_count()} CPUs  ",
+             f"Machine: {platform.platform()}, {machine.cpu_model(fallback='unknown')}, {os.cpu_count()} CPUs  ",
              f"Python {platform.python_version()}, jax {mj['jax']} (backend {mj['backend']}, "
-             f"{mj['device']}, x64 {mj['x64']}), jaxlib {_version('jaxlib')}, numpy {_version('numpy')}, "
-             f"statsmodels {_version('statsmodels')}  "]
+             f"{mj['device']}, x64 {mj['x64']}), jaxlib {machine.version('jaxlib')}, numpy {machine.version('numpy')}, "
+             f"statsmodels {machine.version('statsmodels')}  "]
     if lme is not None:
         lines.append(f"{lme['r_version'].replace('_', ' ')}, lme4 {lme['lme4_version']}, "
                      f"BLAS {lme['blas']}  ")

@@ -35,6 +35,8 @@ import sys
 import time
 import warnings
 
+import machine
+
 CASES = {
     "sleepstudy": dict(formula="Reaction ~ Days", groups="Subject", re_formula="~Days"),
     "dietox": dict(formula="Weight ~ Time", groups="Pig", re_formula="~Time"),
@@ -110,17 +112,6 @@ def _one(name: str, repeats: int, seed: int = 0) -> dict:
     }
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7, help="noisy data sets per model (default 7)")
@@ -140,7 +131,7 @@ def main() -> None:
 
     r0 = rows[0]
     print(f"Date: {datetime.date.today().isoformat()}  ")
-    print(f"Machine: {platform.platform()}, {_cpu_model()}, {os.cpu_count()} CPUs  ")
+    print(f"Machine: {platform.platform()}, {machine.cpu_model(fallback='unknown')}, {os.cpu_count()} CPUs  ")
     print(f"Python {platform.python_version()}, jax {r0['jax']} (backend {r0['backend']}, "
           f"{r0['device']}), statsmodels {statsmodels.__version__}  ")
     print(f"REML fits; repeat = median of {args.repeats} new models on noisy copies of the data; "

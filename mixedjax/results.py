@@ -24,7 +24,7 @@ from .optimize import Result
 from .residuals import describe as _residual_describe
 from .sharding import gather_rows
 from .terms import diagonal_theta, factors_np
-from .tidy import result_dict, results_tables, tables_html, tables_latex, tidy_frame
+from .tidy import fit_notes, result_dict, results_tables, tables_html, tables_latex, tidy_frame
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -552,16 +552,7 @@ class MixedLMResults(InferenceMixin):
             cols.insert(2, "df")
         for col in cols:
             df[col] = [f"{v:.3f}" if np.isfinite(v) else "" for v in df[col]]
-        notes = [self._terms_text()] if m.api == "lme4" else []
-        for key, val in self.residual_structure.items():
-            if key == "sd_ratio":
-                notes.append("Residual sd ratio (VarIdent): " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-            elif key == "phi":
-                notes.append(f"Residual AR(1) correlation Phi: {val:.4f}")
-        if self.singular:
-            notes.append("The fit is singular (boundary estimate); see result.optim.")
-        if not self.converged:
-            notes.append(f"Not converged: {self.optim.message}.")
+        notes = ([self._terms_text()] if m.api == "lme4" else []) + fit_notes(self)
         return Summary("Mixed Linear Model Regression Results", info, df, "\n".join(notes), variance=self.varcorr())
 
     # ------------------------------------------------------------------------------------- tidy output

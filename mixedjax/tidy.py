@@ -450,6 +450,13 @@ def results_tables(res: MixedLMResults) -> tuple[str, list[tuple[str, str]], lis
             ("Converged:", "Yes" if res.converged else "No"), ("Formula:", str(getattr(m, "formula", "") or ""))]
     fe = pd.DataFrame({"Coef.": res.fe_params, "Std.Err.": res.bse_fe, "z": res.fe_params / res.bse_fe})
     vc = res.varcorr().set_index("group")
+    return ("Mixed Linear Model", info, [("Fixed effects", fe), ("Random effects (variances, sd / correlations)", vc)],
+            "\n".join(fit_notes(res)))
+
+
+def fit_notes(res: MixedLMResults) -> list[str]:
+    """The notes under a fit's tables, one a line: the residual structure's estimates (VarIdent sd ratios,
+    AR(1) Phi), a singular fit, a fit that did not converge."""
     notes = []
     for key, val in res.residual_structure.items():
         if key == "sd_ratio":
@@ -460,5 +467,4 @@ def results_tables(res: MixedLMResults) -> tuple[str, list[tuple[str, str]], lis
         notes.append("The fit is singular (boundary estimate); see result.optim.")
     if not res.converged:
         notes.append(f"Not converged: {res.optim.message}.")
-    return ("Mixed Linear Model", info, [("Fixed effects", fe), ("Random effects (variances, sd / correlations)", vc)],
-            "\n".join(notes))
+    return notes
