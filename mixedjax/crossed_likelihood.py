@@ -45,7 +45,16 @@ from jax import Array
 
 from .crossed_data import CrossedData, CrossedStructure
 from .likelihood import Normal, Profiled, profile_normal
-from .linalg import cholesky, logdet_from_cholesky, solve_lower, solve_upper_t
+from .linalg import (
+    cholesky,
+    cholesky_loop,
+    logdet_from_cholesky,
+    solve_lower,
+    solve_lower_loop,
+    solve_upper_t,
+    solve_upper_t_loop,
+    unbatched_lapack,
+)
 from .terms import theta_slices
 
 
@@ -175,25 +184,48 @@ def dense_logdet_quad(s: Array, r: Array) -> tuple[Array, Array]:
     ``s`` is ``f(tril(s) + tril(s, -1)ᵀ)`` and its cotangent is ``tril(Ḡ + Ḡᵀ) − diag(Ḡ)``
     with the symmetric-matrix gradient ``Ḡ = ḡ S⁻¹ − Y Q̄ Yᵀ`` (``Y = S⁻¹R``); ``R̄ = Y (Q̄ + Q̄ᵀ)``.
     The reverse rule costs one ``cho_solve`` with the identity instead of
-    differentiating the Cholesky factorisation itself.
+    differentiating the Cholesky factorisation itself.  Under ``vmap`` (many responses) no
+    batched LAPACK call is made on CPU (:func:`mixedjax.linalg.unbatched_lapack`).
     """
     return _dense_fwd(s, r)[0]
+
+
+def _chol_solves_batched(s: Array, r: Array) -> tuple[Array, Array, Array]:
+    chol = cholesky_loop(s)
+    c = solve_lower_loop(chol, r)
+    return chol, c, solve_upper_t_loop(chol, c)
+
+
+@unbatched_lapack(small=_chol_solves_batched)
+def _chol_solves(s: Array, r: Array) -> tuple[Array, Array, Array]:
+    """``L = chol(S)``, ``c = L⁻¹R``, ``y = L⁻ᵀc``."""
+    chol = jax.lax.linalg.cholesky(s, symmetrize_input=False)
+    c = jsl.solve_triangular(chol, r, lower=True)
+    return chol, c, jsl.solve_triangular(chol, c, lower=True, trans="T")
+
+
+def _inverse_batched(chol: Array) -> Array:
+    eye = jnp.broadcast_to(jnp.eye(chol.shape[-1], dtype=chol.dtype), chol.shape)
+    return solve_upper_t_loop(chol, solve_lower_loop(chol, eye))
+
+
+@unbatched_lapack(small=_inverse_batched)
+def _inverse_from_cholesky(chol: Array) -> Array:
+    return jsl.cho_solve((chol, True), jnp.eye(chol.shape[-1], dtype=chol.dtype))
 
 
 def _dense_fwd(s: Array, r: Array):
     # the factorisation reads the lower triangle; symmetrising it first keeps the residuals' own derivative
     # (reverse over reverse, for observed information) that of the function actually computed
     s = jnp.tril(s) + jnp.tril(s, -1).T
-    chol = jax.lax.linalg.cholesky(s, symmetrize_input=False)
-    c = jsl.solve_triangular(chol, r, lower=True)
-    y = jsl.solve_triangular(chol, c, lower=True, trans="T")
+    chol, c, y = _chol_solves(s, r)
     return (2.0 * jnp.sum(jnp.log(jnp.diagonal(chol))), c.T @ c), (chol, y)
 
 
 def _dense_bwd(res, g):
     chol, y = res
     g_logdet, g_quad = g
-    sinv = jsl.cho_solve((chol, True), jnp.eye(chol.shape[0], dtype=chol.dtype))
+    sinv = _inverse_from_cholesky(chol)
     gs = g_logdet * sinv - y @ g_quad @ y.T
     return jnp.tril(gs + gs.T) - jnp.diag(jnp.diagonal(gs)), y @ (g_quad + g_quad.T)
 

@@ -67,6 +67,7 @@ from .backends import GroupedBackend, GroupedModelData, deviance, profiled
 from .covariance import CovStructure
 from .data import GroupedData, cross_products
 from .fit import start_theta
+from .linalg import unbatched_lapack
 
 if TYPE_CHECKING:
     from .model import LinearMixedModel
@@ -178,6 +179,9 @@ def _float_leaves(tree: Any) -> tuple[list, Any, list[int]]:
     return leaves, treedef, idx
 
 
+_solve = unbatched_lapack()(jnp.linalg.solve)  # no batched LAPACK under vmap on CPU
+
+
 def _theta_hat_bwd(structure, reml, maxiter, gtol, em_iter, res, cot):
     theta, data, zmask, theta0 = res
     backend = _backend_of(structure)
@@ -196,7 +200,7 @@ def _theta_hat_bwd(structure, reml, maxiter, gtol, em_iter, res, cot):
     free = ~_boundary(theta, backend)
     # restrict to the free parameters: boundary ones are held at the boundary (derivative 0)
     h = jnp.where(free[:, None] & free[None, :], hess, jnp.eye(theta.shape[0], dtype=theta.dtype))
-    w = jnp.linalg.solve(h, jnp.where(free, v, 0.0))
+    w = _solve(h, jnp.where(free, v, 0.0))
     w = jnp.where(free, w, 0.0)
     _, vjp = jax.vjp(lambda fl: grad_theta(theta, fl), floats)
     (d_floats,) = vjp(-w)

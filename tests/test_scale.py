@@ -2,8 +2,9 @@
 
 jaxlib 0.10.x deadlocked on CPU when two batched LAPACK calls ran at once (DESIGN.md, Known traps): seen
 with value_and_grad of a vmapped per-group Cholesky objective at G = 100,000 and with 1,000 vmapped fits.
-mixedjax keeps batched LAPACK off the hot path (unrolled Cholesky in mixedjax.linalg) and pins jax < 0.10;
-these cases run under a timeout so that a hang fails instead of eating CI's time.
+mixedjax keeps batched LAPACK off the hot path (unrolled Cholesky in mixedjax.linalg; tests/test_lapack.py reads
+the compiled programs), and the suite runs on jax 0.9.2 and 0.10.2; these cases run under a timeout so that a
+hang fails instead of eating CI's time.
 """
 
 from __future__ import annotations
