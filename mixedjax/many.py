@@ -259,7 +259,7 @@ class BatchResults:
             self.bse_fe = np.sqrt(np.diagonal(_inv_many(np.asarray(out.a)), axis1=1, axis2=2)
                                   * self.scale[:, None])
         self.result = np.asarray(out.result)
-        self.converged = (self.result <= Result.NO_PROGRESS) & np.isfinite(self.llf)
+        self.converged = (self.result <= Result.NO_PROGRESS) & np.isfinite(self.llf) & ~self._exact_fit(ys)
         self.grad_norm = np.asarray(out.grad_norm)
         self.iterations = np.asarray(out.iterations)
         self.nobs = np.asarray(out.nobs).astype(int)
@@ -284,6 +284,16 @@ class BatchResults:
         cols = [c[:, t.positions()[0], t.positions()[1]]
                 for c, t in zip(self.cov_terms, self.model.backend.terms, strict=True)]
         return np.concatenate(cols, axis=1) if cols else np.zeros((len(self), 0))
+
+    def _exact_fit(self, ys: Any) -> np.ndarray:
+        """Models whose residual variance is rounding noise of the response (a constant response, or one
+        the fixed effects reproduce exactly): the likelihood is unbounded there, whatever the optimiser
+        reports, so they are not converged."""
+        if ys is None:
+            return np.zeros(self.scale.shape, bool)
+        with np.errstate(invalid="ignore"):
+            size = np.nanmean(np.asarray(ys, dtype=float) ** 2, axis=0)
+        return ~(self.scale > 1e-12 * size)
 
     def to_frame(self) -> pd.DataFrame:
         """A tidy DataFrame: one row per model, fixed effects, variances (natural scale, the names of the
