@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import warnings
 
@@ -92,3 +93,26 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+# A timed-out test may leave XLA's threads deadlocked (README, "Known traps"): every later test would then wait
+# out its own timeout, and the interpreter would never exit. Stop the session at the first timeout and leave
+# without the interpreter's shutdown, so that a hang fails CI at once.
+_TIMED_OUT: list[str] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and "from pytest-timeout" in report.longreprtext:
+        _TIMED_OUT.append(item.nodeid)
+        item.session.shouldstop = f"{item.nodeid} timed out (JAX's threads may be stuck): the session stops here"
+    return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _TIMED_OUT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

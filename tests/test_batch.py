@@ -9,6 +9,9 @@ import pytest
 
 import mixedjax
 
+# vmapped fits (batched linear algebra): a hang fails within minutes, not at the suite's 600 s per test
+pytestmark = pytest.mark.timeout(300)
+
 
 @pytest.fixture(scope="module")
 def batch():

@@ -9,6 +9,9 @@ from conftest import fit_case, load_case
 import mixedjax
 from mixedjax import bootstrap as bootstrap_mod
 
+# vmapped refits (batched linear algebra): a hang fails within minutes, not at the suite's 600 s per test
+pytestmark = pytest.mark.timeout(300)
+
 N_BOOT = 32  # one compiled shape for every bootstrap test
 
 _fits: dict = {}

@@ -25,6 +25,9 @@ import mixedjax
 from mixedjax import functional as F
 from mixedjax.fit import refit
 
+# vmapped fits and refits (batched linear algebra): a hang fails within minutes, not at the suite's 600 s
+pytestmark = pytest.mark.timeout(300)
+
 
 def _crossed_slopes_data(seed: int = 0, ns: int = 30, ni: int = 20) -> pd.DataFrame:
     """Subjects x items, every subject sees every item; correlated intercept and slope in both factors."""
