@@ -36,6 +36,7 @@ import pandas as pd
 
 from . import terms as tm
 from .backends import FAST_COMPILE, SINGLE_FIT, GroupedBackend, fit_grouped_many, profiled, simulate_one
+from .fit import with_rows
 from .optimize import Result
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def simulate(res: MixedLMResults, n: int = 1, seed: Any = 0) -> np.ndarray:
     if int(n) < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     fm = res.fitted
-    ys = _simulate(_key(seed), jnp.asarray(fm.theta_full), jnp.asarray(fm.beta), jnp.asarray(fm.sigma2), fm.data,
+    ys = _simulate(_key(seed), jnp.asarray(fm.theta_full), jnp.asarray(fm.beta), jnp.asarray(fm.sigma2), with_rows(fm),
                    fm.backend, int(n))
     return np.asarray(ys).T
 
@@ -299,6 +300,6 @@ def bootstrap(res: MixedLMResults, n: int = 1000, seed: Any = 0, maxiter: int = 
     theta0[diag] = np.maximum(np.abs(theta0[diag]), 0.1)
     run = _bootstrap_fast_compile if fast_compile else _bootstrap
     out = run(_key(seed), jnp.asarray(theta), jnp.asarray(fm.beta), jnp.asarray(fm.sigma2), jnp.asarray(theta0),
-              fm.data, backend, jnp.asarray(bool(fm.reml)), int(n), int(maxiter), float(gtol), int(em_iter),
+              with_rows(fm), backend, jnp.asarray(bool(fm.reml)), int(n), int(maxiter), float(gtol), int(em_iter),
               working_width(int(n)) if working is None else (None if working >= n else max(1, int(working))))
     return BootstrapResults(res, jax.device_get(out), seed)

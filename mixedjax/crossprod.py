@@ -77,32 +77,39 @@ def packed_size(m: int) -> int:
     return m * (m + 1) // 2 + 2
 
 
-def group_gram(codes: np.ndarray, cols: np.ndarray, logw: np.ndarray | None = None,
-               n_groups: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def group_gram(codes: np.ndarray, cols: np.ndarray | list[np.ndarray], logw: np.ndarray | None = None,
+               n_groups: int | None = None, transposed: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-group Gram triangles of ``cols``, row counts and ``Σ log w``: ``(groups present, packed (u, K))``.
 
-    ``codes (n,)`` group index of each row, ``cols (n, m)`` the whitened ``U = [X | Z not in X | y]``.
-    One ``np.bincount`` per entry of the triangle over the groups of this piece (compacted
-    first, so the cost is O(n m²) whatever the total number of groups).  With ``n_groups``
-    every group ``0 .. n_groups - 1`` gets a row (dense), else only those present.
+    ``codes (n,)`` group index of each row, ``cols (n, m)`` (or a list of its ``m`` columns, never
+    copied) the whitened ``U = [X | Z not in X | y]``.  One ``np.bincount`` per entry of the
+    triangle over the groups of this piece (compacted first, so the cost is O(n m²) whatever the
+    total number of groups).  With ``n_groups`` every group ``0 .. n_groups - 1`` gets a row
+    (dense), else only those present.  ``transposed``: packed as ``(K, u)`` instead.
     """
-    codes = np.asarray(codes, dtype=np.int64)
-    cols = np.asarray(cols, dtype=float)
+    codes = np.asarray(codes)
     if n_groups is None:
         local, groups = pd.factorize(codes, sort=True)
         groups = np.asarray(groups, dtype=np.int64)
     else:
         local, groups = codes, np.arange(n_groups, dtype=np.int64)
     u = len(groups)
-    m = cols.shape[1]
+    ct = [np.asarray(c, dtype=float) for c in cols] if isinstance(cols, list | tuple) else \
+        np.ascontiguousarray(np.asarray(cols, dtype=float).T)  # contiguous columns for the products
+    m = len(ct)
     iu, ju = np.triu_indices(m)
-    out = np.empty((u, len(iu) + 2))
-    ct = np.ascontiguousarray(cols.T)  # contiguous columns for the products
+    out = np.empty((len(iu) + 2, u))
+    out[-2] = np.bincount(local, minlength=u)
+    ones = [bool(c[:1].size == 0 or c[0] == 1.0) and bool(np.all(c == 1.0)) for c in ct]  # an intercept: no product
+    buf = np.empty(len(local))  # one buffer for every product (a fresh 80 MB array per product costs page faults)
     for k, (i, j) in enumerate(zip(iu, ju, strict=True)):
-        out[:, k] = np.bincount(local, weights=ct[i] * ct[j], minlength=u)
-    out[:, -2] = np.bincount(local, minlength=u)
-    out[:, -1] = 0.0 if logw is None else np.bincount(local, weights=logw, minlength=u)
-    return groups, out
+        if ones[i] and ones[j]:
+            out[k] = out[-2]
+        else:
+            wk = ct[j] if ones[i] else ct[i] if ones[j] else np.multiply(ct[i], ct[j], out=buf)
+            out[k] = np.bincount(local, weights=wk, minlength=u)
+    out[-1] = 0.0 if logw is None else np.bincount(local, weights=logw, minlength=u)
+    return groups, (out if transposed else out.T)
 
 
 def unpack(packed: Any, p: int, z_index: Iterable[int], groups: np.ndarray | None = None,
@@ -347,7 +354,7 @@ class DesignPlan:
         return tuple(out)
 
 
-def _plain_columns(spec: Any, frame: pd.DataFrame) -> list[str] | None:
+def plain_columns(spec: Any, frame: pd.DataFrame) -> list[str] | None:
     """The design's columns when each is the intercept or a numeric column taken as it is (else ``None``)."""
     names = list(spec.column_names)
     state = spec.encoder_state
@@ -363,7 +370,7 @@ def _plain_columns(spec: Any, frame: pd.DataFrame) -> list[str] | None:
 def _design(spec: Any, frame: pd.DataFrame) -> np.ndarray:
     if spec is None:
         return np.ones((len(frame), 1))
-    plain = _plain_columns(spec, frame)
+    plain = plain_columns(spec, frame)
     if plain is not None:  # numeric columns and an intercept: formulaic's result, without its per-call overhead
         out = np.empty((len(frame), len(plain)))
         for j, c in enumerate(plain):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from .crossprod import group_gram
 from .export_cache import cached_jit
 
 
@@ -41,7 +42,9 @@ class CrossProducts(NamedTuple):
 
     ``ztz (G, q, q)``, ``ztx (G, q, p)``, ``zty (G, q)``, ``xtx (G, p, p)``,
     ``xty (G, p)``, ``yty (G,)``, ``n (G,)`` rows per group, ``sum_logw`` (),
-    ``nobs`` () and ``ngroups`` () real (non-padding) groups.
+    ``nobs`` () and ``ngroups`` () real (non-padding) groups.  ``xtx``, ``xty`` and
+    ``yty`` may come summed over the groups (a leading axis of length 1): only their
+    sums enter the likelihood (:func:`row_cross_products`).
     """
 
     ztz: Array
@@ -102,6 +105,63 @@ def cross_products(data: GroupedData) -> CrossProducts:
 cross_products_jit = cached_jit(cross_products)  # kept between processes (mixedjax.export_cache)
 
 
+def row_cross_products(codes: np.ndarray, y: np.ndarray, x: np.ndarray, z: np.ndarray, w: np.ndarray | None,
+                       g_pad: int) -> CrossProducts:
+    """:class:`CrossProducts` straight from the rows (row order, any order of the groups), without padding them.
+
+    One ``np.bincount`` per entry of the Gram triangle of ``U = [X | Z columns not in X | y]``
+    (:func:`mixedjax.crossprod.group_gram`; a random intercept or slope that is a column of X adds
+    no column), so the cost is O(n m²) and no sort of the rows is made: what a model needs for its
+    fit.  ``codes`` the group of each row (``0 .. G-1``), ``w`` prior weights (``None``: 1); groups
+    ``G .. g_pad-1`` are empty.  ``XᵀX``, ``Xᵀy`` and ``yᵀy`` come summed over the groups (a group axis of
+    length 1, as :func:`mixedjax.likelihood.sum_fixed_parts`: only their sums enter the likelihood);
+    otherwise equal to :func:`cross_products` of the padded rows.
+
+    Examples
+    --------
+    >>> x = np.column_stack([np.ones(3), np.arange(3.0)])
+    >>> cp = row_cross_products(np.array([0, 1, 0]), np.array([1.0, 2.0, 4.0]), x, x[:, :1], None, 2)
+    >>> cp.zty.tolist(), cp.xtx.tolist(), float(cp.nobs)
+    ([[5.0], [2.0]], [[[3.0, 3.0], [3.0, 5.0]]], 3.0)
+    """
+    n, p = x.shape
+    z_index, extra = [], []
+    for j in range(z.shape[1]):
+        same = [i for i in range(p) if np.array_equal(z[:64, j], x[:64, i]) and np.array_equal(z[:, j], x[:, i])]
+        z_index.append(same[0] if same else p + len(extra))
+        if not same:
+            extra.append(z[:, j])
+    cols = [x[:, i] for i in range(p)] + extra + [y]
+    logw = None
+    if w is not None and not np.all(w == 1.0):
+        sw = np.sqrt(w)
+        cols = [c * sw for c in cols]
+        logw = np.log(w)
+    g = int(codes.max()) + 1 if n else 0
+    _, packed = group_gram(codes, cols, logw, n_groups=g, transposed=True)  # (K, G): one row per entry
+    m = len(cols)
+    entry = np.zeros((m, m), dtype=np.int64)
+    iu, ju = np.triu_indices(m)
+    entry[iu, ju] = entry[ju, iu] = np.arange(len(iu))
+
+    def block(rows: list[int], cols_: list[int]) -> jnp.ndarray:  # (g_pad, a, b): per-group entries
+        out = np.zeros((int(g_pad), len(rows), len(cols_)))
+        for a, r in enumerate(rows):
+            for b, c in enumerate(cols_):
+                out[:g, a, b] = packed[entry[r, c]]
+        return jnp.asarray(out)
+
+    def total(rows: list[int], cols_: list[int]) -> jnp.ndarray:  # (1, a, b): summed over the groups
+        return jnp.asarray(packed[entry[np.ix_(rows, cols_)]].sum(axis=-1)[None])
+
+    zi, xi, yi = list(z_index), list(range(p)), [m - 1]
+    nn = np.zeros(int(g_pad))
+    nn[:g] = packed[-2]
+    return CrossProducts(block(zi, zi), block(zi, xi), block(zi, yi)[..., 0], total(xi, xi), total(xi, yi)[..., 0],
+                         total(yi, yi)[:, 0, 0], jnp.asarray(nn), jnp.asarray(np.sum(packed[-1])),
+                         jnp.asarray(np.sum(nn)), jnp.asarray(np.sum(nn > 0)))
+
+
 def bucket(n: int) -> int:
     """Round ``n`` up to ``m * 2**k`` with ``8 <= m < 16`` (at most 12.5% padding), so shapes repeat."""
     if n <= 8:
@@ -111,22 +171,52 @@ def bucket(n: int) -> int:
     return int(m * 2**k)
 
 
-class GroupIndex(NamedTuple):
-    """Host-side layout of rows into padded groups."""
+class GroupIndex:
+    """Host-side layout of rows into groups: ``labels`` (group order), ``codes (nobs,)`` each row's group,
+    ``sizes (G,)``, ``n_max``; ``order`` (rows sorted by group, stable) and ``position`` (each row's place in
+    its group, in row order) are computed on first use: a sort of every row, which a model that needs only
+    its cross-products (:func:`mixedjax.crossprod.group_gram`) never pays."""
 
-    labels: list          # group labels, in group order
-    codes: np.ndarray     # (nobs,) group index of each row
-    order: np.ndarray     # (nobs,) row order sorted by group (stable)
-    sizes: np.ndarray     # (G,)
-    position: np.ndarray  # (nobs,) position of each row within its group, in original row order
-    n_max: int
+    def __init__(self, labels: list, codes: np.ndarray, sizes: np.ndarray, position: np.ndarray | None = None):
+        self.labels = labels
+        self.codes = codes
+        self.sizes = sizes
+        self.n_max = int(sizes.max()) if len(sizes) else 0
+        self._position = position
+        self._order: np.ndarray | None = None
+
+    @property
+    def order(self) -> np.ndarray:
+        if self._order is None:
+            self._order = np.argsort(self.codes, kind="stable")
+        return self._order
+
+    @property
+    def position(self) -> np.ndarray:
+        if self._position is None:
+            order = self.order
+            starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+            position = np.empty(len(self.codes), dtype=np.int64)
+            position[order] = np.arange(len(self.codes)) - starts[self.codes[order]]
+            self._position = position
+        return self._position
+
+    def with_position(self, position: np.ndarray) -> GroupIndex:
+        """The same groups with another place of each row in its group (AR(1): time order)."""
+        return GroupIndex(self.labels, self.codes, self.sizes, np.asarray(position, dtype=np.int64))
 
 
 def group_index(groups: np.ndarray | object, labels: list | None = None) -> GroupIndex:
-    """Codes, sort order and sizes of a grouping vector.
+    """Codes and sizes of a grouping vector (:class:`GroupIndex`; the sort by group is lazy).
 
     Group order is the categorical order for a pandas Categorical (unused
     categories dropped), else sorted order of the labels.
+
+    Examples
+    --------
+    >>> gi = group_index(np.array(["b", "a", "b"]))
+    >>> gi.labels, gi.codes.tolist(), gi.position.tolist()
+    (['a', 'b'], [1, 0, 1], [0, 0, 1])
     """
     import pandas as pd
 
@@ -135,16 +225,19 @@ def group_index(groups: np.ndarray | object, labels: list | None = None) -> Grou
         s = s.cat.remove_unused_categories()
         codes = s.cat.codes.to_numpy()
         labels = list(s.cat.categories)
+    elif pd.api.types.is_integer_dtype(s.dtype) and len(s) and \
+            int(s.max()) - int(s.min()) < 2 * len(s) + 1024:  # integer ids in a short range: counted, not hashed
+        v = s.to_numpy().astype(np.int64)
+        lo = int(v.min())
+        v -= lo
+        present = np.bincount(v) > 0
+        codes = v if present.all() else (np.cumsum(present) - 1)[v]  # ids 0 .. G-1, all used: they are the codes
+        labels = (np.flatnonzero(present) + lo).tolist()
     else:
         codes, uniq = pd.factorize(s, sort=True)
         labels = list(uniq)
     codes = np.asarray(codes, dtype=np.int64)
-    order = np.argsort(codes, kind="stable")
-    sizes = np.bincount(codes, minlength=len(labels))
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    position = np.empty(len(codes), dtype=np.int64)
-    position[order] = np.arange(len(codes)) - starts[codes[order]]
-    return GroupIndex(labels, codes, order, sizes, position, int(sizes.max()) if len(sizes) else 0)
+    return GroupIndex(labels, codes, np.bincount(codes, minlength=len(labels)))
 
 
 def pad_groups(

@@ -70,7 +70,7 @@ from scipy.sparse.csgraph import connected_components
 from . import terms as tm
 from .backends import SINGLE_FIT, cov_beta_vp, deviance_vp, jacobian_transform
 from .export_cache import cached_jit
-from .fit import FittedModel
+from .fit import FittedModel, with_rows
 
 KR_MAX_BLOCK = 6000
 """Largest connected block of random-effects columns Kenward–Roger factors densely (about 0.3 GB a matrix)."""
@@ -323,7 +323,7 @@ class KenwardRoger:
         if np.asarray(fm.rho).size:
             raise NotImplementedError("Kenward-Roger with structured residuals (VarIdent/AR1) is not implemented")
         lay = _layout(tuple(backend.terms), [int(v) for v in backend.levels(fm.data)])
-        z, x, sw = backend.sparse_design(fm.data)
+        z, x, sw = backend.sparse_design(with_rows(fm))
         sw = np.asarray(sw, float)
         z = (sp.diags(sw) @ sp.csr_matrix(z, dtype=float)).tocsc()[:, lay.perm].tocsr()  # Z̃, reordered columns
         x = np.asarray(x, float) * sw[:, None]

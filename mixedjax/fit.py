@@ -50,6 +50,8 @@ class FittedModel(NamedTuple):
     beta : (p,) β̂;  sigma2 : σ̂²;  cov_beta : (p, p) ``σ̂² (X'V⁻¹X)⁻¹``
     deviance : the minimised profiled deviance;  reml : the criterion
     solution : :class:`mixedjax.optimize.Solution` of the optimiser
+    rows : ``None``, or a function returning ``data`` with the rows laid out, for the features that
+        need rows when ``data`` has only what the likelihood needs (:func:`with_rows`)
     """
 
     backend: Any
@@ -62,6 +64,7 @@ class FittedModel(NamedTuple):
     deviance: float
     reml: bool
     solution: Solution
+    rows: Any = None
 
     @property
     def theta_full(self) -> np.ndarray:
@@ -81,7 +84,14 @@ class FittedModel(NamedTuple):
         return -0.5 * self.deviance
 
 
-def estimates(backend: Any, data: Any, theta_full: np.ndarray, reml: bool, solution: Solution) -> FittedModel:
+def with_rows(fm: FittedModel) -> Any:
+    """``fm``'s data with the rows laid out (what ``fittedvalues``, simulation, the bootstrap, Kenward–Roger
+    and refits to a new response read): ``fm.data`` itself unless it was fitted from cross-products alone."""
+    return fm.data if fm.rows is None else fm.rows()
+
+
+def estimates(backend: Any, data: Any, theta_full: np.ndarray, reml: bool, solution: Solution,
+              rows: Any = None) -> FittedModel:
     """The :class:`FittedModel` at a given ``concat(θ, ρ)`` (sign-normalised here, the one place)."""
     theta_full = np.asarray(theta_full, float)
     theta = tm.normalize_theta(theta_full[: backend.n_theta], backend.terms)
@@ -96,7 +106,7 @@ def estimates(backend: Any, data: Any, theta_full: np.ndarray, reml: bool, solut
     except np.linalg.LinAlgError:
         cov_beta = np.full_like(a, np.nan)
     return FittedModel(backend, data, theta, rho, np.asarray(pr.beta, float), sigma2, cov_beta,
-                       float(pr.deviance), bool(reml), solution)
+                       float(pr.deviance), bool(reml), solution, rows)
 
 
 def start_theta(backend: Any, start: Any = None) -> np.ndarray:
@@ -112,15 +122,17 @@ def start_theta(backend: Any, start: Any = None) -> np.ndarray:
     return start
 
 
-def fit(backend: Any, data: Any, reml: bool = True, start: Any = None, **options: Any) -> FittedModel:
+def fit(backend: Any, data: Any, reml: bool = True, start: Any = None, *, rows: Any = None,
+        **options: Any) -> FittedModel:
     """Fit by REML or ML: the backend's optimiser from ``start`` (``concat(θ, ρ)`` or θ), then the estimates.
 
     ``options`` go to the backend's optimiser (``maxiter``, ``gtol``, ``em_iter`` for the
-    per-group BFGS; ``maxiter``, ``ftol``, ``scales`` for the crossed derivative-free fit).
+    per-group BFGS; ``maxiter``, ``ftol``, ``scales`` for the crossed derivative-free fit);
+    ``rows`` to the :class:`FittedModel` (a model's ``rows_data``).
     """
     theta0 = start_theta(backend, start)
     sol = backend.minimize(theta0, data, bool(reml), **options)
-    return estimates(backend, data, np.asarray(sol.x, float), reml, sol)
+    return estimates(backend, data, np.asarray(sol.x, float), reml, sol, rows)
 
 
 def refit(fm: FittedModel, y: Any = None, reml: bool | None = None, start: Any = None, *,
@@ -131,9 +143,10 @@ def refit(fm: FittedModel, y: Any = None, reml: bool | None = None, start: Any =
     warns with :class:`RefitWarning` naming ``what`` it was for (never silently); one that
     fails raises :class:`FloatingPointError`.
     """
-    data = fm.data if y is None else fm.backend.with_response(fm.data, jnp.asarray(np.asarray(y, float)))
+    data = fm.data if y is None else fm.backend.with_response(with_rows(fm), jnp.asarray(np.asarray(y, float)))
     reml = fm.reml if reml is None else bool(reml)
-    out = fit(fm.backend, data, reml, fm.theta_full if start is None else start, **options)
+    out = fit(fm.backend, data, reml, fm.theta_full if start is None else start, rows=fm.rows if y is None else None,
+              **options)
     if not np.isfinite(out.deviance):
         raise FloatingPointError(f"the {what} failed: the deviance is not finite at its end ({out.result.message})")
     if not out.converged:
@@ -176,14 +189,14 @@ def fit_constrained(fm: FittedModel, free: np.ndarray, *, what: str = "constrain
         sol = Solution(x=base, value=dev, grad=np.zeros(0), x_start=base, value_start=dev, iterations=0,
                        warm_iterations=0, polish_iterations=0, evaluations=1, grad_norm=0.0,
                        result=int(Result.CONVERGED))
-        return estimates(fm.backend, fm.data, base, fm.reml, sol)
+        return estimates(fm.backend, fm.data, base, fm.reml, sol, fm.rows)
     diag = np.concatenate([tm.diagonal_theta(fm.backend.terms), np.zeros(fm.backend.n_rho, bool)])
     sol = jax.device_get(_minimize_constrained(jnp.asarray(base[idx]), jnp.asarray(base), jnp.asarray(idx),
                                                tuple(bool(v) for v in diag[idx]), fm.backend, fm.data,
                                                np.asarray(fm.reml)))
     full = base.copy()
     full[idx] = np.asarray(sol.x)
-    out = estimates(fm.backend, fm.data, full, fm.reml, sol)
+    out = estimates(fm.backend, fm.data, full, fm.reml, sol, fm.rows)
     if not out.converged:
         warnings.warn(f"the {what} did not converge: {out.result.message}", RefitWarning, stacklevel=2)
     return out

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from formulaic import Formula, model_matrix
 
+from .crossprod import plain_columns
+
 
 def as_rhs(formula: str) -> str:
     f = formula.strip()
@@ -35,11 +37,27 @@ def required_columns(formula: str, data: pd.DataFrame, what: str) -> list[str]:
     return sorted(names)
 
 
+SPEC_ROWS = 64
+"""Rows from which the formulaic spec of a large design is taken when every column of the design is a numeric
+column of the data or the intercept (:func:`mixedjax.crossprod.plain_columns`): the same spec, and the
+columns are then copied once instead of materialised by formulaic (10M rows: 0.1 s instead of 2 s)."""
+
+
 def design(formula: str, data: pd.DataFrame) -> pd.DataFrame:
     """Right-hand-side model matrix of ``formula`` (a one-sided formula or a bare right-hand side)."""
     rhs = as_rhs(formula)
     if rhs in ("0", "-1", "0 +", ""):
         return pd.DataFrame(index=data.index)
+    if len(data) > 4 * SPEC_ROWS:  # numeric columns and an intercept: formulaic's spec from a few rows, no copies
+        spec = model_matrix(rhs, data.iloc[:SPEC_ROWS], na_action="ignore").model_spec
+        plain = plain_columns(spec, data)
+        if plain is not None:
+            values = np.empty((len(data), len(plain)), order="F")  # column-major: whole columns, as pandas keeps them
+            for j, c in enumerate(plain):
+                values[:, j] = 1.0 if c == "Intercept" else data[c].to_numpy(dtype=float)
+            out = pd.DataFrame(values, columns=plain, index=data.index, copy=False)
+            out.attrs["model_spec"] = spec
+            return out
     mm = model_matrix(rhs, data, na_action="ignore")
     out = pd.DataFrame(np.asarray(mm, dtype=float), columns=list(mm.columns), index=data.index)
     out.attrs["model_spec"] = mm.model_spec

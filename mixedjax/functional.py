@@ -110,7 +110,7 @@ def model_data(model: LinearMixedModel) -> tuple[Any, Array | None, Any]:
     >>> zmask is None, backend.kind, round(-0.5 * float(fit(data, zmask, backend).deviance), 4)
     (True, 'crossed', -165.4303)
     """
-    backend, data = model.backend, model.backend_data
+    backend, data = model.backend, model.rows_data()
     if isinstance(backend, GroupedBackend):
         if backend.residual is None:
             return data.padded, data.zmask, backend.structure

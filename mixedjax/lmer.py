@@ -23,7 +23,7 @@ import pandas as pd
 from . import formula as fml
 from . import sources
 from .backends import CrossedBackend, CrossedModelData, profiled_jit
-from .crossed_data import all_pairs_of_pairs, crossed_data, mivque_start, theta_scales
+from .crossed_data import crossed_data, mivque_start, theta_scales
 from .model import LinearMixedModel, MixedLM, TermInfo
 from .residuals import bind
 
@@ -550,7 +550,7 @@ class CrossedLM(LinearMixedModel):
         self.backend = CrossedBackend(st)
         sw = np.ones(self.nobs) if self.weights is None else np.sqrt(self.weights)
         self.backend_data = CrossedModelData(
-            cd, all_pairs_of_pairs(cd, st), jnp.asarray(self.exog), jnp.asarray(sw),
+            cd, None, jnp.asarray(self.exog), jnp.asarray(sw),
             tuple(jnp.asarray(t.codes.astype(np.int32)) for t in self.lmer_terms),
             tuple(jnp.asarray(t.z) for t in self.lmer_terms))
         self.term_info = [TermInfo(t.label, t.factor, tuple(t.names), tuple(str(v) for v in t.levels), t.source)

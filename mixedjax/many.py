@@ -376,7 +376,7 @@ def _with_response(model: Any, y: np.ndarray) -> Any:
     column and a formula refitter bound to that frame."""
     new = copy.copy(model)
     new.endog = np.asarray(y, float)
-    new.backend_data = model.backend.with_response(model.backend_data, jnp.asarray(new.endog))
+    new.backend_data = model.backend.with_response(model.rows_data(), jnp.asarray(new.endog))
     name = getattr(model, "endog_names", None)
     if isinstance(model.data, pd.DataFrame) and isinstance(name, str) and name in model.data.columns:
         new.data = model.data.assign(**{name: new.endog})
@@ -448,7 +448,7 @@ def fit_many(model: Any, y: Any, reml: bool = True, maxiter: int = 200, gtol: fl
     reml_arr = jnp.asarray(bool(reml))
     if isinstance(backend, GroupedBackend) and backend.n_rho == 0:
         # per-group iid: the design stays padded and shared, each model brings its own row mask
-        data = model.backend_data
+        data = model.rows_data()
         codes, position = np.asarray(data.codes), np.asarray(data.position)
         base = data.padded
         m_count = ys.shape[1]
@@ -478,7 +478,7 @@ def fit_many(model: Any, y: Any, reml: bool = True, maxiter: int = 200, gtol: fl
         def call(yc, data):
             return fit_responses(yc, data, theta0, backend, reml_arr, int(maxiter), float(gtol), int(em_iter))
 
-        out, n_dev = run_chunked((ys.T,), (model.backend_data,), call, batch_size, progress, shard)
+        out, n_dev = run_chunked((ys.T,), (model.rows_data(),), call, batch_size, progress, shard)
     res = BatchResults(model, ys, BatchOut(*out), bool(reml), names)
     res.n_devices = n_dev
     return res

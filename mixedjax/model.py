@@ -30,7 +30,7 @@ from .backends import (
 )
 from .covariance import CovStructure, psd_cholesky_np
 from .crossprod import ROWS_NOT_KEPT, aliased_from_gram
-from .data import GroupIndex, bucket, cross_products_jit, group_index, pad_groups
+from .data import CrossProducts, GroupIndex, bucket, cross_products_jit, group_index, pad_groups, row_cross_products
 from .fit import fit as fit_driver
 from .many import fit_many
 from .results import MixedLMResults
@@ -226,7 +226,7 @@ class LinearMixedModel:
         else:
             start = self.start_from_params(start_params)
         opts = {**self.default_options(), **self.fit_options(maxiter, gtol, em_iter), **options}
-        fm = fit_driver(self.backend, self.backend_data, self.reml, start, **opts)
+        fm = fit_driver(self.backend, self.backend_data, self.reml, start, rows=self.rows_data, **opts)
         return MixedLMResults(self, fm)
 
     def default_start(self) -> np.ndarray | None:
@@ -286,7 +286,11 @@ class LinearMixedModel:
     def rows_in_memory(self) -> bool:
         """Whether the model holds its rows (``False`` for a model built from cross-products only: a Parquet
         path, a Dask DataFrame or ``distributed=True``)."""
-        return getattr(self.backend_data, "padded", True) is not None
+        return getattr(self, "endog", None) is not None
+
+    def rows_data(self) -> Any:
+        """The backend's data with the rows, for features that need them (:meth:`MixedLM.rows_data`)."""
+        return self.backend_data
 
     def shard(self, mesh: Any = None) -> LinearMixedModel:
         """Lay the group axis of this per-group model over several devices (``jax.sharding``); returns ``self``.
@@ -308,7 +312,7 @@ class LinearMixedModel:
         if getattr(self.backend, "kind", None) != "grouped":
             raise NotImplementedError("sharding the group axis needs a per-group model; crossed random effects "
                                       "have no group axis")
-        self.backend_data = sharding.shard_grouped(self.backend_data, mesh)
+        self.backend_data = sharding.shard_grouped(self.rows_data(), mesh)
         return self
 
 
@@ -454,7 +458,7 @@ class MixedLM(LinearMixedModel):
 
         gi = _group_index if _group_index is not None and not bad.any() else group_index(groups_arr)
         if bound is not None and bound.spec.ar1:  # AR(1): rows of a group in time order
-            gi = gi._replace(position=residuals.time_positions(gi.codes, bound.time))
+            gi = gi.with_position(residuals.time_positions(gi.codes, bound.time))
         self.residual = bound
         self.group_labels = gi.labels
         self.n_groups = len(gi.labels)
@@ -480,7 +484,7 @@ class MixedLM(LinearMixedModel):
             re_names=tuple(self.exog_re_names),
             vc_names=tuple(v.name for v in vcs),
         )
-        z = np.concatenate([z_re] + [v.values for v in vcs], axis=1)
+        z = np.concatenate([z_re] + [v.values for v in vcs], axis=1) if vcs else z_re
         self.endog, self.exog, self.exog_re, self.weights = y, x, z_re, w
         self.groups = groups_arr.to_numpy()
         self.nobs = nobs
@@ -490,11 +494,7 @@ class MixedLM(LinearMixedModel):
         self.k_vc = len(vcs)
         self.group_sizes = gi.sizes
 
-        g_pad, n_pad = bucket(self.n_groups), bucket(gi.n_max)
-        padded = pad_groups(gi, y, x, z, w, g_pad, n_pad)
-        strata = np.zeros((g_pad, n_pad), dtype=np.int64)
-        if bound is not None and bound.strata is not None:
-            strata[gi.codes, gi.position] = bound.strata
+        g_pad = bucket(self.n_groups)
         zmask = np.zeros((g_pad, self.structure.q))
         zmask[: self.n_groups, : self.k_re] = 1.0
         off = self.k_re
@@ -512,10 +512,13 @@ class MixedLM(LinearMixedModel):
         self.vc_designs = vcs
         self.exog_vc_matrix = z[:, self.k_re :]
         self.backend = GroupedBackend(self.structure, None if bound is None else bound.spec)
-        self.backend_data = GroupedModelData(padded, cross_products_jit(padded), jnp.asarray(zmask),
-                                             jnp.asarray(strata), jnp.asarray(gi.codes.astype(np.int32)),
-                                             jnp.asarray(gi.position.astype(np.int32)), tuple(vc_group),
-                                             tuple(vc_col))
+        if bound is None:  # iid: the fit needs only the cross-products; the rows are padded on first use
+            cp = row_cross_products(gi.codes, y, x, z, None if weights is None else w, g_pad)
+            self.backend_data = GroupedModelData(None, cp, jnp.asarray(zmask), None, None, None, tuple(vc_group),
+                                                 tuple(vc_col))
+        else:
+            self.backend_data = self._laid_out(jnp.asarray(zmask), tuple(vc_group), tuple(vc_col), None)
+        self._rows_data: GroupedModelData | None = None
         self.group_name = names.get("group_name") or (
             str(groups.name) if isinstance(groups, pd.Series) and groups.name is not None else "Group")
         self.formula: str | None = names.get("formula")
@@ -523,6 +526,30 @@ class MixedLM(LinearMixedModel):
         self.designs: dict | None = None
         self.lmer_terms: list | None = None
         self.set_term_info()
+
+    def _laid_out(self, zmask: Any, vc_group: tuple, vc_col: tuple, cp: CrossProducts | None) -> GroupedModelData:
+        """The backend's data with the rows padded per group (``cp``: their cross-products, if already made)."""
+        gi = self.group_index
+        g_pad, n_pad = int(zmask.shape[0]), bucket(gi.n_max)
+        z = np.concatenate([self.exog_re, self.exog_vc_matrix], axis=1)
+        padded = pad_groups(gi, self.endog, self.exog, z, self.weights, g_pad, n_pad)
+        strata = np.zeros((g_pad, n_pad), dtype=np.int64)
+        if self.residual is not None and self.residual.strata is not None:
+            strata[gi.codes, gi.position] = self.residual.strata
+        return GroupedModelData(padded, cross_products_jit(padded) if cp is None else cp, zmask, jnp.asarray(strata),
+                                jnp.asarray(gi.codes.astype(np.int32)), jnp.asarray(gi.position.astype(np.int32)),
+                                vc_group, vc_col)
+
+    def rows_data(self) -> GroupedModelData:
+        """:attr:`backend_data` with the rows laid out per group (padded), for the features that need rows
+        (fitted values, simulation, bootstrap, Kenward–Roger, new responses): made on first use and kept.
+        A model with iid residuals fits from its cross-products alone (no sort or padding of the rows)."""
+        d = self.backend_data
+        if d.padded is not None or self.endog is None:  # laid out already, or no rows (built from sums)
+            return d
+        if self._rows_data is None or self._rows_data.cp is not d.cp:
+            self._rows_data = self._laid_out(d.zmask, d.vc_group, d.vc_col, d.cp)
+        return self._rows_data
 
     def set_term_info(self, lme4_labels: dict | None = None) -> None:
         """Names of the terms (:class:`TermInfo`), in the backend's θ order: the correlated block, then each
@@ -623,6 +650,7 @@ class MixedLM(LinearMixedModel):
             vcol = [sharding.global_array(v, mesh, by_group=False) for v in vc_col]
         self.backend = GroupedBackend(self.structure, None)
         self.backend_data = GroupedModelData(None, cp, zmask_a, None, None, None, tuple(vg), tuple(vcol))
+        self._rows_data = None
         self.group_name = group_name
         self.formula = formula
         self.data = None

@@ -29,6 +29,7 @@ from formulaic.errors import DataMismatchWarning
 from . import formula as fml
 from .crossprod import ROWS_NOT_KEPT
 from .distributions import stats
+from .fit import with_rows
 
 if TYPE_CHECKING:
     from .results import MixedLMResults
@@ -369,7 +370,7 @@ def predict(res: MixedLMResults, exog: Any = None, conditional: bool = False, se
             fm = res.fitted
             modes, _ = res.conditional
             masked = [jnp.asarray(np.asarray(b) * mk[None, :]) for b, mk in zip(modes, masks, strict=True)]
-            zb = np.asarray(fm.backend.row_effects(masked, fm.data))
+            zb = np.asarray(fm.backend.row_effects(masked, with_rows(fm)))
     elif isinstance(exog, pd.DataFrame) and getattr(m, "designs", None):
         index = exog.index
         x = _fixed_design(m, exog)

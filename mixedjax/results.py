@@ -18,7 +18,7 @@ import pandas as pd
 from . import plots
 from .backends import conditional_jit, info_natural_jit, info_natural_sub_jit, natural_from_fit, natural_size
 from .distributions import norm
-from .fit import ConvergenceWarning, FittedModel
+from .fit import ConvergenceWarning, FittedModel, with_rows
 from .inference import InferenceMixin
 from .optimize import Result
 from .residuals import describe as _residual_describe
@@ -376,7 +376,8 @@ class MixedLMResults(InferenceMixin):
         """Per term, conditional modes ``(l_k, q_k)`` and conditional covariances ``(l_k, q_k, q_k)``
         (natural scale: lme4's ``ranef(condVar = TRUE)``)."""
         fm = self.fitted
-        modes, covs = conditional_jit(fm.backend, jnp.asarray(fm.theta_full), fm.data, jnp.asarray(fm.beta))
+        modes, covs = conditional_jit(fm.backend, jnp.asarray(fm.theta_full), fm.backend.conditional_data(fm.data),
+                                      jnp.asarray(fm.beta))
         # a group axis sharded over processes (distributed=True) is gathered on every process
         return [gather_rows(b) for b in modes], [self.scale * gather_rows(c) for c in covs]
 
@@ -458,8 +459,9 @@ class MixedLMResults(InferenceMixin):
         """``X β̂ + Z b̂`` per row (conditional fitted values), in the model's row order."""
         fm = self.fitted
         modes, _ = self.conditional
-        return np.asarray(fm.backend.fixed_part(jnp.asarray(fm.beta), fm.data)
-                          + fm.backend.row_effects([jnp.asarray(b) for b in modes], fm.data))
+        data = with_rows(fm)
+        return np.asarray(fm.backend.fixed_part(jnp.asarray(fm.beta), data)
+                          + fm.backend.row_effects([jnp.asarray(b) for b in modes], data))
 
     @property
     def resid(self) -> np.ndarray:

@@ -15,6 +15,7 @@ from formulaic import model_matrix
 import mixedjax
 from mixedjax import crossprod as cpm
 from mixedjax import formula as fml
+from mixedjax.data import bucket, cross_products, group_index, pad_groups, row_cross_products
 
 
 def test_group_gram_equals_dense_products_per_group():
@@ -68,8 +69,52 @@ def test_frame_sums_equal_the_models_cross_products():
 def check_against_model(s: cpm.GroupSums, md: mixedjax.MixedLM) -> None:
     cp = md.backend_data.cp
     g = len(md.group_labels)
-    for name in ("ztz", "ztx", "zty", "xtx", "xty", "yty", "n"):
+    for name in ("ztz", "ztx", "zty", "n"):
         np.testing.assert_allclose(getattr(s, name), np.asarray(getattr(cp, name))[:g], rtol=1e-12, err_msg=name)
+    for name in ("xtx", "xty", "yty"):  # the model keeps these summed over the groups (only the sums enter)
+        np.testing.assert_allclose(getattr(s, name).sum(axis=0), np.asarray(getattr(cp, name)).sum(axis=0),
+                                   rtol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_row_cross_products_equal_those_of_the_padded_rows(weighted):
+    """The model's cross-products straight from the rows (bincounts, no padding) equal the padded ones, with
+    prior weights, a Z column that is not a column of X, and empty groups after the real ones."""
+    rng = np.random.default_rng(5)
+    n = 300
+    codes = rng.permutation(np.repeat(np.arange(11), 30)[:n])
+    x = np.column_stack([np.ones(n), rng.normal(size=n), rng.normal(size=n)])
+    z = np.column_stack([x[:, 1], np.ones(n), rng.normal(size=n)])  # slope, intercept (in X), a column not in X
+    y, w = rng.normal(size=n), rng.uniform(0.3, 3.0, n) if weighted else np.ones(n)
+    gi = group_index(codes)
+    full = cross_products(pad_groups(gi, y, x, z, w, 16, bucket(gi.n_max)))
+    rows = row_cross_products(gi.codes, y, x, z, w if weighted else None, 16)
+    for name in full._fields:
+        a, b = np.asarray(getattr(full, name)), np.asarray(getattr(rows, name))
+        if name in ("xtx", "xty", "yty"):
+            a = a.sum(axis=0, keepdims=True)
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_iid_models_lay_out_their_rows_only_when_a_feature_needs_them():
+    """An iid per-group model fits from its cross-products; fitted values, simulation and new responses lay the
+    rows out once (``rows_data``), with the same cross-products; a structured-residual model has them at once."""
+    d = mixedjax.datasets.load("sleepstudy")
+    md = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", re_formula="~Days")
+    assert md.backend_data.padded is None
+    res = md.fit()
+    assert md.backend_data.padded is None
+    rows = md.rows_data()
+    assert rows.padded is not None and rows.cp is md.backend_data.cp and md.rows_data() is rows
+    fe = md.exog @ res.fe_params.to_numpy()
+    re = res.random_effects
+    zb = np.array([re[g].to_numpy() @ [1.0, day] for g, day in zip(d.Subject, d.Days, strict=True)])
+    np.testing.assert_allclose(res.fittedvalues, fe + zb, rtol=1e-10)
+    np.testing.assert_allclose(res.simulate(2, seed=1).shape, (len(d), 2))
+    many = md.fit_many(np.column_stack([d.Reaction, d.Reaction * 2.0]))
+    np.testing.assert_allclose(many.llf[0], res.llf, rtol=1e-9)
+    structured = mixedjax.mixedlm("Reaction ~ Days", d, groups="Subject", residual=mixedjax.AR1(time="Days"))
+    assert structured.backend_data.padded is not None and structured.rows_data() is structured.backend_data
 
 
 def test_aliased_from_gram_matches_the_row_rule():

@@ -21,6 +21,7 @@ from conftest import REF, fit_case, load_case
 import mixedjax
 from mixedjax import backends, ddf
 from mixedjax import terms as tm
+from mixedjax.fit import with_rows
 
 DATA = REF.parent / "data"
 _fits: dict = {}
@@ -180,7 +181,7 @@ def _pbkrtest_dense(res) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """pbkrtest's ``vcovAdj`` verbatim with dense ``n × n`` matrices (``∂Σ/∂σ² = diag(1/w)``)."""
     fm = res.fitted
     b = fm.backend
-    z, x, sw = b.sparse_design(fm.data)
+    z, x, sw = b.sparse_design(with_rows(fm))
     z = z.toarray()
     n, nq = z.shape
     g_mats, cov_b, off = [], np.zeros((nq, nq)), 0

@@ -122,7 +122,7 @@ def test_vmapped_crossed_fit_makes_no_batched_lapack_call(kind):
     model = res.model
     y0 = jnp.asarray(model.endog)
     ys = y0 + jnp.arange(4.0)[:, None] * jnp.std(y0) * 0.1 * jnp.sin(jnp.arange(y0.size))
-    args = (ys, model.backend_data, jnp.asarray(res.fitted.theta_full), model.backend, jnp.asarray(True), 200, 1e-6, 0)
+    args = (ys, model.rows_data(), jnp.asarray(res.fitted.theta_full), model.backend, jnp.asarray(True), 200, 1e-6, 0)
     assert not batched(lapack_calls(fit_responses, *args))
     out = fit_responses(*args)
     assert float(out.deviance[0]) == pytest.approx(-2 * res.llf, rel=1e-9)

@@ -71,7 +71,7 @@ def test_fit_vmaps_over_responses():
     y2 = model.endog + rng.normal(0, 20, model.nobs)
     ys = np.stack([model.endog, y2])
     gi = model.group_index
-    data_ = model.backend_data
+    data_ = model.rows_data()
     padded = np.zeros((2,) + data_.padded.y.shape)
     padded[:, gi.codes, gi.position] = ys
 

@@ -93,7 +93,7 @@ def _at_theta(res, theta):
     """The results of ``res``'s model evaluated at a given θ (the reference's): isolates prediction from fit."""
     fm = res.fitted
     return _quiet(MixedLMResults, res.model, estimates(fm.backend, fm.data, np.asarray(theta, float), fm.reml,
-                                                       fm.solution))
+                                                       fm.solution, fm.rows))
 
 
 def _rel(got, want, floor: float = 0.0) -> float:

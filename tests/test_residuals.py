@@ -69,7 +69,7 @@ def test_ar1_matches_nlme(oxboys, method):
 def test_structured_path_equals_iid_when_r_is_identity(sleepstudy):
     """At zero residual parameters (ratios 1, φ = 0) whitening is the identity: same cross-products, same deviance."""
     md = mixedjax.mixedlm("Reaction ~ Days", sleepstudy, groups="Subject", re_formula="~Days")
-    padded = md.backend_data.padded
+    padded = md.rows_data().padded
     strata = jnp.asarray(np.arange(padded.y.size).reshape(padded.y.shape) % 3)
     spec = residuals.ResidualSpec(n_strata=3, ar1=True)
     cp = residuals.whitened_cross_products(padded, strata, jnp.zeros(3), spec)
