@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -144,22 +145,22 @@ def row_cross_products(codes: np.ndarray, y: np.ndarray, x: np.ndarray, z: np.nd
     iu, ju = np.triu_indices(m)
     entry[iu, ju] = entry[ju, iu] = np.arange(len(iu))
 
-    def block(rows: list[int], cols_: list[int]) -> jnp.ndarray:  # (g_pad, a, b): per-group entries
+    def block(rows: list[int], cols_: list[int]) -> np.ndarray:  # (g_pad, a, b): per-group entries
         out = np.zeros((int(g_pad), len(rows), len(cols_)))
         for a, r in enumerate(rows):
             for b, c in enumerate(cols_):
                 out[:g, a, b] = packed[entry[r, c]]
-        return jnp.asarray(out)
+        return out
 
-    def total(rows: list[int], cols_: list[int]) -> jnp.ndarray:  # (1, a, b): summed over the groups
-        return jnp.asarray(packed[entry[np.ix_(rows, cols_)]].sum(axis=-1)[None])
+    def total(rows: list[int], cols_: list[int]) -> np.ndarray:  # (1, a, b): summed over the groups
+        return packed[entry[np.ix_(rows, cols_)]].sum(axis=-1)[None]
 
     zi, xi, yi = list(z_index), list(range(p)), [m - 1]
     nn = np.zeros(int(g_pad))
     nn[:g] = packed[-2]
-    return CrossProducts(block(zi, zi), block(zi, xi), block(zi, yi)[..., 0], total(xi, xi), total(xi, yi)[..., 0],
-                         total(yi, yi)[:, 0, 0], jnp.asarray(nn), jnp.asarray(np.sum(packed[-1])),
-                         jnp.asarray(np.sum(nn)), jnp.asarray(np.sum(nn > 0)))
+    parts = (block(zi, zi), block(zi, xi), block(zi, yi)[..., 0], total(xi, xi), total(xi, yi)[..., 0],
+             total(yi, yi)[:, 0, 0], nn, np.sum(packed[-1]), np.sum(nn), np.sum(nn > 0))
+    return CrossProducts(*(jax.device_put(np.asarray(v)) for v in parts))  # a transfer, no compiled conversion
 
 
 def bucket(n: int) -> int:

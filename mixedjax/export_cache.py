@@ -178,7 +178,7 @@ def _signature(leaves: list) -> tuple | None:
             except Exception:  # noqa: BLE001 - not a concrete array (a tracer of another JAX version)
                 return None
         elif kind == "numpy":
-            out.append((x.shape, x.dtype))
+            out.append((x.shape, x.dtype, False))  # as a committed JAX array of that dtype (never weak)
         elif kind == "scalar":
             out.append(t)
         else:
@@ -355,6 +355,7 @@ class CachedJit:
         if not str(getattr(fun, "__module__", "")).startswith("mixedjax"):
             self.fun_id += f"@{_code_hash(fun)}"  # outside mixedjax, source_hash() does not see the code
         self.programs: dict = {}
+        self.executables: dict = {}  # compiled() programs by the same key: __call__ runs them as they are
         try:
             params = list(inspect.signature(fun).parameters.values())
         except (TypeError, ValueError):
@@ -406,7 +407,8 @@ class CachedJit:
         local, prog, dyn = self._resolve(args, kwargs)
         if prog is not _PLAIN:
             try:
-                return prog(dyn)
+                executable = self.executables.get(local)
+                return prog(dyn) if executable is None else executable(dyn)
             except Exception as e:  # noqa: BLE001 - never break a fit: plain jit gives the real error, if any
                 self._note(e)
                 self.programs[local] = _PLAIN
@@ -419,6 +421,7 @@ class CachedJit:
         if prog is not _PLAIN:
             try:
                 program = prog.lower(dyn).compile()
+                self.executables[local] = program
                 names = list(dyn)
 
                 def call(*a: Any) -> Any:

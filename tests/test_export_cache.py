@@ -147,3 +147,27 @@ def test_off_with_the_compilation_cache(monkeypatch, tmp_path):
     assert export_cache.directory() == tmp_path / "export"
     monkeypatch.setenv("MIXEDJAX_CACHE_MAX_BYTES", str(4 << 20))
     assert export_cache.max_bytes() == 1 << 20
+
+
+def test_a_compiled_program_serves_later_calls_with_equal_arguments(export_dir):
+    """``compiled()`` keeps its executable for ``__call__`` (the crossed fit's program then also gives the
+    estimates, without a second compile); a numpy array and a JAX array of one shape and dtype are one key."""
+    assert export_cache._signature([np.zeros(3)]) == export_cache._signature([jnp.zeros(3)])
+
+    def affine(x, scale):
+        return x * scale + 1.0
+
+    f = export_cache.cached_jit(affine, name="tests.affine_compiled")
+    run_ = f.compiled(np.arange(3.0), np.asarray(2.0))
+    assert len(f.executables) == 1
+    (key, executable), = f.executables.items()
+    calls = []
+
+    def counting(d):
+        calls.append(1)
+        return executable(d)
+
+    f.executables[key] = counting
+    np.testing.assert_allclose(f(jnp.arange(3.0), jnp.asarray(np.asarray(2.0))), [1.0, 3.0, 5.0])  # not weak
+    np.testing.assert_allclose(run_(np.arange(3.0), np.asarray(2.0)), [1.0, 3.0, 5.0])
+    assert calls == [1]
