@@ -1,4 +1,4 @@
-"""Serialized programs (``jax.export``) kept from one Python process to the next: no tracing when nothing changed.
+"""Serialized programs kept from one Python process to the next: no tracing, lowering or compiling when nothing changed.
 
 JAX's persistent compilation cache (:mod:`mixedjax.cache`) keeps the *compiled* programs, but every
 new process still traces and lowers each of them to find its cache key: for a small fit and its
@@ -7,7 +7,11 @@ seconds).  :func:`cached_jit` is ``jax.jit`` plus a second cache, on disk: the f
 exports each program it traces (``jax.export``: the lowered StableHLO with its calling
 convention) and writes it to ``<cache directory>/export/<key>.bin``; a later process that calls
 the same function with the same static arguments and argument shapes reads the file instead of
-tracing, and the persistent compilation cache supplies the compiled code.
+tracing.  The program it compiles from that (or finds in the persistent compilation cache) is kept
+too, as XLA's serialized executable (``<key>-<machine>.exe``,
+:mod:`jax.experimental.serialize_executable`): a third process loads it as it is, skipping the
+lowering and the compilation cache's lookup (~70 ms a program), on a machine with the same
+processor (its model and instruction-set flags are in ``<machine>``).
 
 The key (a SHA-256) covers the function (module and qualified name), its static arguments (a
 repr built only from values whose repr is the same in every process: numbers, strings, tuples,
@@ -19,13 +23,13 @@ change to mixedjax's code starts afresh).
 * where: ``export/`` inside :func:`mixedjax.cache.compilation_cache_dir`; off whenever that cache
   is off (``MIXEDJAX_CACHE=0``, :func:`mixedjax.cache.disable_compilation_cache`), and on its own with
   ``MIXEDJAX_EXPORT_CACHE=0`` (read at every call);
-* size: a quarter of ``$MIXEDJAX_CACHE_MAX_BYTES`` (default 256 MiB), the least recently used
-  files removed first;
+* size: a quarter of ``$MIXEDJAX_CACHE_MAX_BYTES`` (default 256 MiB), programs and executables
+  together, the least recently used files removed first;
 * never in the way: a program ``jax.export`` cannot serialize (host callbacks, custom pytrees,
   unstable static arguments, arguments sharded over several devices, calls under a
   transformation such as ``vmap``) runs through plain ``jax.jit``, as do calls with tracers.
 
-:func:`stats` counts programs loaded, exported and left to plain ``jax.jit``.
+:func:`stats` counts programs loaded, exported and left to plain ``jax.jit``, and executables loaded.
 
 Examples
 --------
@@ -48,6 +52,7 @@ import importlib
 import inspect
 import json
 import os
+import platform
 import sys
 import tempfile
 import threading
@@ -63,8 +68,9 @@ from . import cache
 
 SUBDIR = "export"
 MAGIC = b"mixedjax-export-1\n"
+EXE_MAGIC = b"mixedjax-executable-1\n"
 _PLAIN = object()  # marker: this call signature runs through plain jax.jit
-_STATS = {"loaded": 0, "exported": 0, "plain": 0}
+_STATS = {"loaded": 0, "exported": 0, "plain": 0, "executables": 0, "executables_not_kept": 0}
 _ERRORS: list[str] = []
 _LOCK = threading.Lock()
 _REGISTERED: set[type] = set()
@@ -137,6 +143,24 @@ def environment_key() -> str:
         f"platform={jax.default_backend()}", f"devices={jax.device_count()}", f"processes={jax.process_count()}",
         f"precision={jax.config.jax_default_matmul_precision}", f"promotion={jax.config.jax_numpy_dtype_promotion}",
         f"source={source_hash()}"])
+
+
+@functools.lru_cache(maxsize=1)
+def machine_key() -> str:
+    """What a compiled executable depends on besides its program: the devices and, on a CPU, the processor's
+    model and instruction-set flags (a cache directory shared by machines never hands one a foreign binary)."""
+    parts = [jax.default_backend(), platform.machine()]
+    try:
+        parts += sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()})
+        parts.append(str(jax.devices()[0].client.platform_version))
+    except Exception:  # noqa: BLE001 - a backend without these attributes: the names above only
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            parts += sorted({line.strip() for line in f if line.startswith(("model name", "flags", "Features"))})
+    except OSError:
+        parts.append(platform.processor())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _jaxlib_version() -> str:
@@ -232,7 +256,8 @@ def max_bytes() -> int:
 
 def stats() -> dict:
     """Programs ``loaded`` from disk, ``exported`` (traced and written) and run by ``plain`` jit, this process;
-    ``errors``: why programs fell back to plain jit (the last 20)."""
+    compiled ``executables`` loaded from disk and ``executables_not_kept`` (not read or not written: the program is
+    compiled as usual); ``errors``: why (the last 20)."""
     return dict(_STATS, errors=list(_ERRORS[-20:]))
 
 
@@ -303,6 +328,49 @@ def _read(path: Path) -> Any:
     return exported
 
 
+def _write_executable(path: Path, compiled: Any, dyn: dict, out_tree: Any) -> None:
+    """Write ``compiled`` (``jax.stages.Compiled`` of a program called with ``dyn``) for later processes.
+
+    Written only when its calling convention is the one :func:`_read_executable` rebuilds (the arguments'
+    tree, the program's output tree); :class:`OSError` and serialization errors propagate (noted by the caller).
+    """
+    from jax.experimental import serialize_executable
+
+    blob, in_tree, compiled_out = serialize_executable.serialize(compiled)
+    if in_tree != jax.tree_util.tree_structure(((dyn,), {})) or compiled_out != out_tree:
+        raise ValueError("the compiled program's calling convention is not the exported one")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".exe")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(EXE_MAGIC + blob)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _evict(path.parent)
+
+
+def _read_executable(path: Path, dyn: dict, out_tree: Any) -> Any:
+    """The ``jax.stages.Compiled`` written by :func:`_write_executable`, loaded onto this process's devices."""
+    from jax.experimental import serialize_executable
+
+    prepare_backend()
+    data = path.read_bytes()
+    if not data.startswith(EXE_MAGIC):
+        raise ValueError(f"{path.name}: not a mixedjax executable file")
+    compiled = serialize_executable.deserialize_and_load(data[len(EXE_MAGIC):],
+                                                         jax.tree_util.tree_structure(((dyn,), {})), out_tree)
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+    return compiled
+
+
 @functools.lru_cache(maxsize=1)
 def prepare_backend() -> None:
     """What JAX does while *lowering* that a loaded program still needs, once per process.
@@ -322,7 +390,7 @@ def prepare_backend() -> None:
 def _evict(folder: Path) -> None:
     cap = max_bytes()
     try:
-        files = [(p.stat(), p) for p in folder.glob("*.bin")]
+        files = [(p.stat(), p) for pattern in ("*.bin", "*.exe") for p in folder.glob(pattern)]
     except OSError:
         return
     total = sum(s.st_size for s, _ in files)
@@ -354,8 +422,7 @@ class CachedJit:
         self.fun_id = name or f"{fun.__module__}.{fun.__qualname__}"
         if not str(getattr(fun, "__module__", "")).startswith("mixedjax"):
             self.fun_id += f"@{_code_hash(fun)}"  # outside mixedjax, source_hash() does not see the code
-        self.programs: dict = {}
-        self.executables: dict = {}  # compiled() programs by the same key: __call__ runs them as they are
+        self.programs: dict = {}  # in-process key -> _Program (or _PLAIN)
         try:
             params = list(inspect.signature(fun).parameters.values())
         except (TypeError, ValueError):
@@ -407,21 +474,20 @@ class CachedJit:
         local, prog, dyn = self._resolve(args, kwargs)
         if prog is not _PLAIN:
             try:
-                executable = self.executables.get(local)
-                return prog(dyn) if executable is None else executable(dyn)
+                return prog(dyn)
             except Exception as e:  # noqa: BLE001 - never break a fit: plain jit gives the real error, if any
-                self._note(e)
+                _note(self.fun_id, e)
                 self.programs[local] = _PLAIN
         return self.jitted(*args, **kwargs)
 
     def compiled(self, *args: Any, **kwargs: Any) -> Callable:
         """The compiled program for these arguments, as ``jax.jit(...).lower(*args, **kwargs).compile()``: called
-        with the non-static arguments, positionally, in the order of the signature (no dispatch per call)."""
+        with the non-static arguments, positionally, in the order of the signature (no dispatch per call).
+        Later calls of this function with equal arguments run the same executable."""
         local, prog, dyn = self._resolve(args, kwargs)
         if prog is not _PLAIN:
             try:
-                program = prog.lower(dyn).compile()
-                self.executables[local] = program
+                program = prog.compile(dyn)
                 names = list(dyn)
 
                 def call(*a: Any) -> Any:
@@ -429,29 +495,26 @@ class CachedJit:
 
                 return call
             except Exception as e:  # noqa: BLE001 - never break a fit
-                self._note(e)
+                _note(self.fun_id, e)
                 self.programs[local] = _PLAIN
         return self.jitted.lower(*args, **kwargs).compile()
-
-    def _note(self, e: BaseException) -> None:
-        _STATS["plain"] += 1
-        _ERRORS.append(f"{self.fun_id}: {type(e).__name__}: {str(e)[:300]}")
 
     def _program(self, folder: Path, static: dict, dyn: dict, treedef: Any, avals: tuple) -> Any:
         try:
             key = program_key(self.fun_id, static, treedef, avals, self.compiler_options)
         except Unstable as e:
-            self._note(e)
+            _note(self.fun_id, e)
             return _PLAIN
         path = folder / f"{key}.bin"
+        exe = folder / f"{key}-{machine_key()}.exe"
         options = self.compiler_options or None
         if path.exists():
             try:
                 exported = _read(path)
                 _STATS["loaded"] += 1
-                return jax.jit(exported.call, compiler_options=options)
+                return _Program(self.fun_id, exported, options, exe, dyn)
             except Exception as e:  # noqa: BLE001 - a damaged or foreign file: export afresh
-                self._note(e)
+                _note(self.fun_id, e)
         fun = self.fun
 
         def bound_fun(d: dict) -> Any:
@@ -463,14 +526,53 @@ class CachedJit:
             _register(types)
             blob = exported.serialize()
         except Exception as e:  # noqa: BLE001 - what export cannot serialize runs through plain jit
-            self._note(e)
+            _note(self.fun_id, e)
             return _PLAIN
         try:
             _write(path, types, blob)
             _STATS["exported"] += 1
         except OSError as e:  # a read-only cache: the program still runs, from memory
-            self._note(e)
-        return jax.jit(exported.call, compiler_options=options)
+            _note(self.fun_id, e)
+            exe = None
+        return _Program(self.fun_id, exported, options, exe, None)
+
+
+class _Program:
+    """An exported program of one call signature, and its executable once compiled (or loaded: ``dyn``, the call's
+    arguments, given and ``exe`` on disk)."""
+
+    def __init__(self, fun_id: str, exported: Any, options: dict | None, exe: Path | None, dyn: dict | None) -> None:
+        self.fun_id = fun_id
+        self.exported = exported
+        self.jitted = jax.jit(exported.call, compiler_options=options)
+        self.exe = exe
+        self.executable: Any = None
+        if dyn is not None and exe is not None and exe.exists():
+            try:
+                self.executable = _read_executable(exe, dyn, exported.out_tree)
+                _STATS["executables"] += 1
+            except Exception as e:  # noqa: BLE001 - damaged, or from another jaxlib: compiled and written afresh
+                _note(fun_id, e, "executables_not_kept")
+
+    def compile(self, dyn: dict) -> Any:
+        """The executable for arguments like ``dyn`` (lowered and compiled on the first call, then written)."""
+        if self.executable is None:
+            self.executable = self.jitted.lower(dyn).compile()
+            if self.exe is not None:
+                try:
+                    _write_executable(self.exe, self.executable, dyn, self.exported.out_tree)
+                except Exception as e:  # noqa: BLE001 - not serializable here (a backend, constants): run from memory
+                    _note(self.fun_id, e, "executables_not_kept")
+        return self.executable
+
+    def __call__(self, dyn: dict) -> Any:
+        return self.compile(dyn)(dyn)
+
+
+def _note(fun_id: str, e: BaseException, what: str = "plain") -> None:
+    """Count a program left to plain jit (or an executable not read or written: ``what``), with why."""
+    _STATS[what] += 1
+    _ERRORS.append(f"{fun_id}: {type(e).__name__}: {str(e)[:300]}")
 
 
 def cached_jit(fun: Callable | None = None, *, static_argnames: tuple | str = (),
@@ -486,5 +588,5 @@ def cached_jit(fun: Callable | None = None, *, static_argnames: tuple | str = ()
     return CachedJit(fun, static_argnames, compiler_options, name)
 
 
-__all__ = ["CachedJit", "Unstable", "cached_jit", "directory", "max_bytes", "program_key", "reset_stats",
+__all__ = ["CachedJit", "Unstable", "cached_jit", "directory", "machine_key", "max_bytes", "program_key", "reset_stats",
            "source_hash", "stable_repr", "stats"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,20 @@ def test_enable_and_disable_in_process(tmp_path):
         else:
             cache.enable_compilation_cache(before, max_bytes=size)
     assert mixedjax.cache.compilation_cache_dir() == before
+
+
+GC_STATE = "import gc, json; {before}import mixedjax; print(json.dumps([gc.isenabled(), gc.get_freeze_count()]))"
+
+
+def test_import_freezes_the_long_lived_objects_and_restores_the_collector(tmp_path):
+    """``import mixedjax`` pauses the cyclic collector while it imports and freezes what it imported; the
+    collector is left as the user had it (on or off), and ``MIXEDJAX_GC_FREEZE=0`` leaves it alone."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    on = run(GC_STATE.format(before=""), env)
+    assert on.returncode == 0, on.stderr
+    enabled, frozen = json.loads(on.stdout)
+    assert enabled is True and frozen > 10_000, on.stdout
+    off = run(GC_STATE.format(before="gc.disable(); "), env)
+    assert json.loads(off.stdout)[0] is False, off.stdout  # the user's choice is kept
+    alone = run(GC_STATE.format(before=""), dict(env, MIXEDJAX_GC_FREEZE="0"))
+    assert json.loads(alone.stdout) == [True, 0], alone.stdout

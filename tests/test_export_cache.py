@@ -56,16 +56,32 @@ def test_second_process_loads_the_exported_programs(tmp_path):
     first = run(FIT, dict(env, PYTHONHASHSEED="1"))
     assert first.returncode == 0, first.stderr
     s1 = json.loads(first.stdout.splitlines()[-1])
-    assert s1["exported"] >= 4 and s1["loaded"] == 0 and s1["plain"] == 0, s1  # cross-products, fit, estimates, ...
+    assert s1["exported"] >= 4 and s1["loaded"] == 0 and s1["plain"] == 0, s1  # fit, estimates, Hessian, LAPACK
+    assert s1["executables"] == 0 and s1["executables_not_kept"] == 0, s1
     files = sorted(os.listdir(d / "export"))
-    assert len(files) == s1["exported"], files
+    programs = [f for f in files if f.endswith(".bin")]
+    executables = [f for f in files if f.endswith(".exe")]
+    assert len(programs) == len(executables) == s1["exported"] == len(files) // 2, files
+    machine = export_cache.machine_key()
+    assert {f.removesuffix(".bin") + f"-{machine}.exe" for f in programs} == set(executables)
     second = run(FIT, dict(env, PYTHONHASHSEED="2"))
     assert second.returncode == 0, second.stderr
     s2 = json.loads(second.stdout.splitlines()[-1])
-    assert s2["loaded"] == s1["exported"] and s2["exported"] == 0 and s2["plain"] == 0, s2
+    # every program and its compiled executable read from disk: nothing traced, lowered or compiled
+    assert s2["loaded"] == s2["executables"] == s1["exported"] and s2["exported"] == 0 and s2["plain"] == 0, s2
+    assert s2["executables_not_kept"] == 0, s2
     assert second.stdout.splitlines()[:-1] == first.stdout.splitlines()[:-1]  # same logLik, same summary
     assert second.stderr == "", second.stderr
     assert sorted(os.listdir(d / "export")) == files
+    # a damaged executable is compiled afresh from its program and written again; the results do not change
+    damaged = d / "export" / executables[0]
+    damaged.write_bytes(export_cache.EXE_MAGIC + b"garbage")
+    third = run(FIT, dict(env, PYTHONHASHSEED="3"))
+    assert third.returncode == 0, third.stderr
+    s3 = json.loads(third.stdout.splitlines()[-1])
+    assert s3["executables"] == s1["exported"] - 1 and s3["executables_not_kept"] == 1 and s3["plain"] == 0, s3
+    assert third.stdout.splitlines()[:-1] == first.stdout.splitlines()[:-1]
+    assert damaged.read_bytes() != export_cache.EXE_MAGIC + b"garbage"
 
 
 @pytest.fixture
@@ -159,15 +175,45 @@ def test_a_compiled_program_serves_later_calls_with_equal_arguments(export_dir):
 
     f = export_cache.cached_jit(affine, name="tests.affine_compiled")
     run_ = f.compiled(np.arange(3.0), np.asarray(2.0))
-    assert len(f.executables) == 1
-    (key, executable), = f.executables.items()
+    (program,) = f.programs.values()
+    executable = program.executable
+    assert executable is not None
     calls = []
 
     def counting(d):
         calls.append(1)
         return executable(d)
 
-    f.executables[key] = counting
+    program.executable = counting
     np.testing.assert_allclose(f(jnp.arange(3.0), jnp.asarray(np.asarray(2.0))), [1.0, 3.0, 5.0])  # not weak
     np.testing.assert_allclose(run_(np.arange(3.0), np.asarray(2.0)), [1.0, 3.0, 5.0])
     assert calls == [1]
+    assert len(list(export_dir.glob("*.exe"))) == 1  # kept for the next process
+
+
+def test_an_executable_written_by_one_process_serves_the_next(export_dir):
+    """A new :class:`CachedJit` (as in a new process) loads the program and its executable: neither is traced nor
+    compiled again; another machine (a different :func:`machine_key`) never reads it."""
+
+    def cube(x):
+        return x ** 3
+
+    first = export_cache.cached_jit(cube, name="tests.cube")
+    np.testing.assert_allclose(first(np.arange(4.0)), [0.0, 1.0, 8.0, 27.0])
+    assert export_cache.stats()["exported"] == 1 and len(list(export_dir.glob("*.exe"))) == 1
+    second = export_cache.cached_jit(cube, name="tests.cube")
+    np.testing.assert_allclose(second(np.arange(4.0) + 1.0), [1.0, 8.0, 27.0, 64.0])
+    st = export_cache.stats()
+    assert st["loaded"] == 1 and st["executables"] == 1 and st["exported"] == 1, st
+    (program,) = second.programs.values()
+    assert program.executable is not None
+    export_cache.machine_key.cache_clear()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(export_cache.platform, "machine", lambda: "another-machine")
+            third = export_cache.cached_jit(cube, name="tests.cube")
+            np.testing.assert_allclose(third(np.arange(4.0)), [0.0, 1.0, 8.0, 27.0])
+            assert export_cache.stats()["executables"] == 1  # not read: compiled here, written beside the other
+            assert len(list(export_dir.glob("*.exe"))) == 2
+    finally:
+        export_cache.machine_key.cache_clear()
