@@ -487,11 +487,11 @@ class CachedJit:
         local, prog, dyn = self._resolve(args, kwargs)
         if prog is not _PLAIN:
             try:
-                program = prog.compile(dyn)
+                prog.compile(dyn)
                 names = list(dyn)
 
                 def call(*a: Any) -> Any:
-                    return program(dict(zip(names, a, strict=True)))
+                    return prog(dict(zip(names, a, strict=True)))
 
                 return call
             except Exception as e:  # noqa: BLE001 - never break a fit
@@ -539,7 +539,13 @@ class CachedJit:
 
 class _Program:
     """An exported program of one call signature, and its executable once compiled (or loaded: ``dyn``, the call's
-    arguments, given and ``exe`` on disk)."""
+    arguments, given and ``exe`` on disk).
+
+    Only an executable XLA compiled in this process is written: one that JAX's persistent compilation cache handed
+    back (a deserialized executable) can serialize without some of its kernels ("Function ... not found" when a
+    later process runs it; jaxlib 0.9).  A loaded executable's first run is waited for inside a ``try``: if it fails,
+    its file is removed and the program is compiled here instead.
+    """
 
     def __init__(self, fun_id: str, exported: Any, options: dict | None, exe: Path | None, dyn: dict | None) -> None:
         self.fun_id = fun_id
@@ -547,18 +553,22 @@ class _Program:
         self.jitted = jax.jit(exported.call, compiler_options=options)
         self.exe = exe
         self.executable: Any = None
+        self.verified = True  # False: loaded from disk and not yet run
         if dyn is not None and exe is not None and exe.exists():
             try:
                 self.executable = _read_executable(exe, dyn, exported.out_tree)
+                self.verified = False
                 _STATS["executables"] += 1
-            except Exception as e:  # noqa: BLE001 - damaged, or from another jaxlib: compiled and written afresh
+            except Exception as e:  # noqa: BLE001 - damaged, or from another jaxlib: removed, compiled here
                 _note(fun_id, e, "executables_not_kept")
+                _unlink(exe)
 
     def compile(self, dyn: dict) -> Any:
         """The executable for arguments like ``dyn`` (lowered and compiled on the first call, then written)."""
         if self.executable is None:
+            hits = _compile_cache_hits()
             self.executable = self.jitted.lower(dyn).compile()
-            if self.exe is not None:
+            if self.exe is not None and _compile_cache_hits() == hits:
                 try:
                     _write_executable(self.exe, self.executable, dyn, self.exported.out_tree)
                 except Exception as e:  # noqa: BLE001 - not serializable here (a backend, constants): run from memory
@@ -566,7 +576,40 @@ class _Program:
         return self.executable
 
     def __call__(self, dyn: dict) -> Any:
-        return self.compile(dyn)(dyn)
+        executable = self.compile(dyn)
+        if self.verified:
+            return executable(dyn)
+        try:
+            out = jax.block_until_ready(executable(dyn))
+            self.verified = True
+            return out
+        except Exception as e:  # noqa: BLE001 - a broken file: compile here, never write it again
+            _note(self.fun_id, e, "executables_not_kept")
+            _unlink(self.exe)
+            self.exe, self.executable, self.verified = None, None, True
+            return self.compile(dyn)(dyn)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+_HITS = [0, False]  # persistent compilation cache hits in this process; the listener registered
+
+
+def _compile_cache_hits() -> int:
+    """How many programs JAX's persistent compilation cache has handed back so far in this process."""
+    if not _HITS[1]:
+        def listen(event: str, **kwargs: Any) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                _HITS[0] += 1
+
+        jax.monitoring.register_event_listener(listen)
+        _HITS[1] = True
+    return _HITS[0]
 
 
 def _note(fun_id: str, e: BaseException, what: str = "plain") -> None:
