@@ -37,9 +37,13 @@ def _modules() -> dict[str, pathlib.Path]:
 
 
 def _own_imports(tree: ast.AST) -> list[tuple[str, int, bool]]:
-    """``(module, line, at top level)`` for every import of a mixedjax module."""
+    """``(module, line, at module level)`` for every import of a mixedjax module (module level: outside any function,
+    e.g. in a top-level ``try``; an import under ``if TYPE_CHECKING`` counts as module level too)."""
+    in_function: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            in_function.update(id(n) for n in ast.walk(node) if n is not node)
     out = []
-    top = {id(n) for n in getattr(tree, "body", [])}
     for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.ImportFrom):
@@ -51,7 +55,7 @@ def _own_imports(tree: ast.AST) -> list[tuple[str, int, bool]]:
         elif isinstance(node, ast.Import):
             names = [a.name.split(".")[1] for a in node.names if a.name.startswith("mixedjax.")]
         for n in names:
-            out.append((n, node.lineno, id(node) in top or _in_type_checking(tree, node)))
+            out.append((n, node.lineno, id(node) not in in_function or _in_type_checking(tree, node)))
     return out
 
 
