@@ -42,7 +42,7 @@ try:
 
     cache.configure_from_environment(jaxlib_preloaded=_JAXLIB_PRELOADED)
 
-    from . import datasets
+    from . import backends, datasets
     from .batch import fit_batch
     from .fit import ConvergenceWarning, FittedModel, RefitWarning
     from .inference import anova, compare_lr_test
@@ -52,6 +52,10 @@ try:
     from .optimize import Result, Solution, minimize
     from .residuals import AR1, VarIdent
     from .results import LmerResults, MixedLMResults, OptimSummary
+
+    # threadpoolctl's scan of the loaded libraries (for one BLAS thread during fits) reads /proc/self/maps: ~10 ms
+    # now, up to 0.2 s in the middle of a first fit, once the process has mapped much more memory
+    backends.blas_controller()
 finally:
     if _GC_FREEZE:
         gc.freeze()  # what exists now lives as long as the process: never scanned again

@@ -47,8 +47,10 @@ assembled from those pieces.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -57,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 from jax import Array
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from . import terms as tm
 from .covariance import CovStructure
@@ -533,15 +535,23 @@ class CrossedModelData(NamedTuple):
     zs: tuple
 
 
-def single_threaded_blas() -> threadpool_limits:
+def single_threaded_blas() -> AbstractContextManager:
     """Run jaxlib's LAPACK calls (scipy's OpenBLAS) on one thread while XLA uses the cores.
 
     jaxlib calls LAPACK through scipy's bundled OpenBLAS, whose worker threads spin while
     waiting; next to XLA's own thread pool (and the fit's own evaluation threads) they
     oversubscribe the cores (InstEval, 2 cores: 62 s with OpenBLAS's default threads, 11 s
     with one, for the former gradient fit).  threadpoolctl restores the setting afterwards.
+    The BLAS libraries are found once per process (:func:`blas_controller`).
     """
-    return threadpool_limits(limits=1, user_api="blas")
+    return blas_controller().limit(limits=1, user_api="blas")
+
+
+@functools.lru_cache(maxsize=1)
+def blas_controller() -> ThreadpoolController:
+    """threadpoolctl's view of the BLAS libraries loaded when first asked (the scan of every loaded library takes
+    10-100 ms; once per process, not once per fit: numpy's and scipy's OpenBLAS are loaded at ``import mixedjax``)."""
+    return ThreadpoolController()
 
 
 @dataclass(frozen=True)

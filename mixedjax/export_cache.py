@@ -5,7 +5,8 @@ new process still traces and lowers each of them to find its cache key: for a sm
 summary that is most of the time (the Hessian behind the standard errors alone traces for
 seconds).  :func:`cached_jit` is ``jax.jit`` plus a second cache, on disk: the first process
 exports each program it traces (``jax.export``: the lowered StableHLO with its calling
-convention) and writes it to ``<cache directory>/export/<key>.bin``; a later process that calls
+convention) and writes it to ``<cache directory>/export/<key>.bin`` (in a background thread, after
+compiling and running it as plain ``jax.jit`` would: :func:`wait_for_writes`); a later process that calls
 the same function with the same static arguments and argument shapes reads the file instead of
 tracing.  The program it compiles from that (or finds in the persistent compilation cache) is kept
 too, as XLA's serialized executable (``<key>-<machine>.exe``,
@@ -257,11 +258,13 @@ def max_bytes() -> int:
 def stats() -> dict:
     """Programs ``loaded`` from disk, ``exported`` (traced and written) and run by ``plain`` jit, this process;
     compiled ``executables`` loaded from disk and ``executables_not_kept`` (not read or not written: the program is
-    compiled as usual); ``errors``: why (the last 20)."""
+    compiled as usual); ``errors``: why (the last 20).  Waits for the writes in flight first."""
+    wait_for_writes()
     return dict(_STATS, errors=list(_ERRORS[-20:]))
 
 
 def reset_stats() -> None:
+    wait_for_writes()
     for k in _STATS:
         _STATS[k] = 0
     _ERRORS.clear()
@@ -520,37 +523,30 @@ class CachedJit:
         def bound_fun(d: dict) -> Any:
             return fun(**static, **d)
 
-        try:
-            exported = jax.export.export(jax.jit(bound_fun, compiler_options=options))(dyn)
-            types = _node_types(exported.in_tree, set()) | _node_types(exported.out_tree, set())
-            _register(types)
-            blob = exported.serialize()
-        except Exception as e:  # noqa: BLE001 - what export cannot serialize runs through plain jit
-            _note(self.fun_id, e)
-            return _PLAIN
-        try:
-            _write(path, types, blob)
-            _STATS["exported"] += 1
-        except OSError as e:  # a read-only cache: the program still runs, from memory
-            _note(self.fun_id, e)
-            exe = None
-        return _Program(self.fun_id, exported, options, exe, None)
+        # compiled here first; exported (and written, with its executable) in the background once it runs
+        return _Program(self.fun_id, None, options, exe, None, jitted=jax.jit(bound_fun, compiler_options=options),
+                        path=path)
 
 
 class _Program:
-    """An exported program of one call signature, and its executable once compiled (or loaded: ``dyn``, the call's
-    arguments, given and ``exe`` on disk).
+    """The program of one call signature: exported (read from disk) or still to export (``jitted`` and ``path``), and
+    its executable once compiled (or loaded: ``dyn``, the call's arguments, given and ``exe`` on disk).
 
-    Only an executable XLA compiled in this process is written: one that JAX's persistent compilation cache handed
-    back (a deserialized executable) can serialize without some of its kernels ("Function ... not found" when a
-    later process runs it; jaxlib 0.9).  A loaded executable's first run is waited for inside a ``try``: if it fails,
-    its file is removed and the program is compiled here instead.
+    A program not on disk yet is lowered and compiled as plain ``jax.jit`` would, and runs at once; exporting it
+    (a second lowering, ~0.1-0.3 s) and writing it and its executable happen in a background thread
+    (:func:`wait_for_writes`), off the first fit's path.  Only an executable XLA compiled in this process is
+    written: one that JAX's persistent compilation cache handed back (a deserialized executable) can serialize
+    without some of its kernels ("Function ... not found" when a later process runs it; jaxlib 0.9).  A loaded
+    executable's first run is waited for inside a ``try``: if it fails, its file is removed and the program is
+    compiled here instead.
     """
 
-    def __init__(self, fun_id: str, exported: Any, options: dict | None, exe: Path | None, dyn: dict | None) -> None:
+    def __init__(self, fun_id: str, exported: Any, options: dict | None, exe: Path | None, dyn: dict | None,
+                 jitted: Any = None, path: Path | None = None) -> None:
         self.fun_id = fun_id
         self.exported = exported
-        self.jitted = jax.jit(exported.call, compiler_options=options)
+        self.jitted = jitted if exported is None else jax.jit(exported.call, compiler_options=options)
+        self.path = path  # where to export it (None: read from there already)
         self.exe = exe
         self.executable: Any = None
         self.verified = True  # False: loaded from disk and not yet run
@@ -568,12 +564,39 @@ class _Program:
         if self.executable is None:
             hits = _compile_cache_hits()
             self.executable = self.jitted.lower(dyn).compile()
-            if self.exe is not None and _compile_cache_hits() == hits:
-                try:
-                    _write_executable(self.exe, self.executable, dyn, self.exported.out_tree)
-                except Exception as e:  # noqa: BLE001 - not serializable here (a backend, constants): run from memory
-                    _note(self.fun_id, e, "executables_not_kept")
+            fresh = _compile_cache_hits() == hits
+            if self.path is not None:
+                path, self.path = self.path, None
+                _background(self._export, path, dyn, fresh)
+            elif self.exe is not None and fresh:
+                self._write_executable(dyn, self.exported.out_tree)
         return self.executable
+
+    def _export(self, path: Path, dyn: dict, fresh: bool) -> None:
+        """Export the program, write it to ``path`` and, if compiled here (``fresh``), its executable."""
+        try:
+            exported = jax.export.export(self.jitted)(dyn)
+            types = _node_types(exported.in_tree, set()) | _node_types(exported.out_tree, set())
+            _register(types)
+            blob = exported.serialize()
+        except Exception as e:  # noqa: BLE001 - what export cannot serialize stays in memory (plain jit)
+            _note(self.fun_id, e)
+            return
+        self.exported = exported
+        try:
+            _write(path, types, blob)
+            _STATS["exported"] += 1
+        except OSError as e:  # a read-only cache: the program still runs, from memory
+            _note(self.fun_id, e)
+            return
+        if fresh and self.exe is not None:
+            self._write_executable(dyn, exported.out_tree)
+
+    def _write_executable(self, dyn: dict, out_tree: Any) -> None:
+        try:
+            _write_executable(self.exe, self.executable, dyn, out_tree)
+        except Exception as e:  # noqa: BLE001 - not serializable here (a backend, constants): run from memory
+            _note(self.fun_id, e, "executables_not_kept")
 
     def __call__(self, dyn: dict) -> Any:
         executable = self.compile(dyn)
@@ -588,6 +611,28 @@ class _Program:
             _unlink(self.exe)
             self.exe, self.executable, self.verified = None, None, True
             return self.compile(dyn)(dyn)
+
+
+_PENDING: list[threading.Thread] = []
+_PENDING_LOCK = threading.Lock()
+
+
+def _background(target: Callable, *args: Any) -> None:
+    """Run ``target(*args)`` in a thread of its own (not a daemon: the interpreter waits for its files at exit)."""
+    thread = threading.Thread(target=target, args=args, name="mixedjax-export-cache")
+    with _PENDING_LOCK:
+        _PENDING.append(thread)
+    thread.start()
+
+
+def wait_for_writes() -> None:
+    """Wait until the programs being exported and written in the background are on disk (:func:`stats` waits)."""
+    while True:
+        with _PENDING_LOCK:
+            if not _PENDING:
+                return
+            thread = _PENDING.pop()
+        thread.join()
 
 
 def _unlink(path: Path) -> None:
@@ -632,4 +677,4 @@ def cached_jit(fun: Callable | None = None, *, static_argnames: tuple | str = ()
 
 
 __all__ = ["CachedJit", "Unstable", "cached_jit", "directory", "machine_key", "max_bytes", "program_key", "reset_stats",
-           "source_hash", "stable_repr", "stats"]
+           "source_hash", "stable_repr", "stats", "wait_for_writes"]

@@ -53,10 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from jax import Array
-from threadpoolctl import threadpool_limits
 
 from . import terms as tm
-from .backends import FAST_COMPILE, SINGLE_FIT, deviance_given
+from .backends import FAST_COMPILE, SINGLE_FIT, deviance_given, single_threaded_blas
 from .distributions import stats
 from .fit import FittedModel, refit
 from .likelihood import profile_normal
@@ -296,7 +295,7 @@ def _profile_lanes(u0: np.ndarray, specs: list[tuple[int, int, tuple[int, ...]]]
     # jaxlib's LAPACK calls (the crossed dense Cholesky and its reverse pass) go through scipy's OpenBLAS,
     # whose spinning worker threads next to XLA's cost 100x on small matrices (64 x 64: 14 ms vs 0.2 ms);
     # the limit must hold until the asynchronous computation is done (device_get inside)
-    with threadpool_limits(limits=1, user_api="blas"):
+    with single_threaded_blas():
         x, dev, code = jax.device_get(run(jnp.asarray(u0), lanes, fm.data, reml_arr, backend, working))
         s2 = (jax.device_get(_lanes_sigma2_jit(x, lanes, fm.data, reml_arr, backend)) if with_sigma2
               else np.full(len(u0), np.nan))

@@ -130,6 +130,7 @@ def test_unsupported_programs_fall_back_to_jit(export_dir):
     assert export_cache.stats()["exported"] == 1
     assert float(h.compiled(x, k=2.0)(x + 1.0)) == pytest.approx(15.0)  # as jit(...).lower(...).compile()
     assert float(g.compiled(x, fn=jnp.cos)(x)[0]) == pytest.approx(1.0)
+    export_cache.wait_for_writes()
     (path,) = export_dir.glob("*.bin")
     path.write_bytes(b"not a program")
     fresh = export_cache.cached_jit(_scaled, static_argnames=("k",))
@@ -182,6 +183,7 @@ def test_a_compiled_program_serves_later_calls_with_equal_arguments(export_dir):
 
     f = export_cache.cached_jit(affine, name="tests.affine_compiled")
     run_ = f.compiled(np.arange(3.0), np.asarray(2.0))
+    export_cache.wait_for_writes()  # exported and written in the background
     (program,) = f.programs.values()
     executable = program.executable
     assert executable is not None
@@ -239,6 +241,7 @@ def test_a_broken_executable_is_compiled_afresh_and_a_cache_hit_is_never_written
     expected = float(np.sum(np.where(x > 0.5, x, 0.0)) + np.sum(np.sin(x)))
     first = export_cache.cached_jit(_masked, name="tests.masked")
     assert float(first(x)) == pytest.approx(expected)
+    export_cache.wait_for_writes()
     (exe,) = export_dir.glob("*.exe")
     (program,) = first.programs.values()
     loaded = export_cache._read_executable(exe, {"x": x}, program.exported.out_tree)
