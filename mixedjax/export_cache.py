@@ -579,6 +579,11 @@ class _Program:
             types = _node_types(exported.in_tree, set()) | _node_types(exported.out_tree, set())
             _register(types)
             blob = exported.serialize()
+            # traced again in this thread, under the global configuration only (a thread-local one, such as a
+            # `with jax.enable_x64(False)` around the call, is not seen here): written only if it is the same program
+            compiled_out = [(tuple(a.shape), np.dtype(a.dtype)) for a in jax.tree.leaves(self.executable.out_info)]
+            if compiled_out != [(tuple(a.shape), np.dtype(a.dtype)) for a in exported.out_avals]:
+                raise ValueError("the exported program's outputs differ from the compiled one's")
         except Exception as e:  # noqa: BLE001 - what export cannot serialize stays in memory (plain jit)
             _note(self.fun_id, e)
             return

@@ -260,3 +260,21 @@ def test_a_broken_executable_is_compiled_afresh_and_a_cache_hit_is_never_written
     assert export_cache.stats()["executables_not_kept"] == 1
     if jax.config.jax_compilation_cache_dir:
         assert not list(export_dir.glob("*.exe"))
+
+
+def _plus_ones(x):
+    return x + jnp.ones(3)  # float64 under x64, float32 without
+
+
+def test_a_call_under_a_thread_local_configuration_is_not_written_wrongly(export_dir):
+    """The background export traces under the global configuration only; a call made under a thread-local one
+    (``jax.enable_x64(False)``) that gives another program is kept in memory, never written under its key."""
+    f = export_cache.cached_jit(_plus_ones, name="tests.plus_ones")
+    with jax.enable_x64(False):
+        out = f(np.ones(3, np.float32))
+    assert out.dtype == np.float32
+    st = export_cache.stats()
+    assert st["exported"] == 0 and st["plain"] == 1 and "differ" in st["errors"][-1], st
+    assert not list(export_dir.glob("*"))
+    np.testing.assert_allclose(f(np.ones(3)), 2.0 * np.ones(3))  # the global configuration: float64, written
+    assert export_cache.stats()["exported"] == 1
