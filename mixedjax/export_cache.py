@@ -301,19 +301,29 @@ def _resolve(name: str) -> type:
 
 def _write(path: Path, types: set, blob: bytes) -> None:
     header = json.dumps({"types": sorted(f"{t.__module__}:{t.__qualname__}" for t in types)}).encode()
+    _write_atomically(path, MAGIC + header + b"\n" + bytes(blob))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it (readers never see half a file); then evict."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".bin")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + header + b"\n" + bytes(blob))
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink(Path(tmp))
         raise
     _evict(path.parent)
+
+
+def _touch(path: Path) -> None:
+    """Mark ``path`` used (the least recently used files go first)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _read(path: Path) -> Any:
@@ -324,10 +334,7 @@ def _read(path: Path) -> Any:
     header, _, blob = data[len(MAGIC):].partition(b"\n")
     _register({_resolve(n) for n in json.loads(header)["types"]})
     exported = jax.export.deserialize(bytearray(blob))
-    try:
-        os.utime(path)  # least recently used goes first
-    except OSError:
-        pass
+    _touch(path)
     return exported
 
 
@@ -342,19 +349,7 @@ def _write_executable(path: Path, compiled: Any, dyn: dict, out_tree: Any) -> No
     blob, in_tree, compiled_out = serialize_executable.serialize(compiled)
     if in_tree != jax.tree_util.tree_structure(((dyn,), {})) or compiled_out != out_tree:
         raise ValueError("the compiled program's calling convention is not the exported one")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".exe")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(EXE_MAGIC + blob)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _evict(path.parent)
+    _write_atomically(path, EXE_MAGIC + blob)
 
 
 def _read_executable(path: Path, dyn: dict, out_tree: Any) -> Any:
@@ -367,10 +362,7 @@ def _read_executable(path: Path, dyn: dict, out_tree: Any) -> Any:
         raise ValueError(f"{path.name}: not a mixedjax executable file")
     compiled = serialize_executable.deserialize_and_load(data[len(EXE_MAGIC):],
                                                          jax.tree_util.tree_structure(((dyn,), {})), out_tree)
-    try:
-        os.utime(path)
-    except OSError:
-        pass
+    _touch(path)
     return compiled
 
 
