@@ -26,9 +26,10 @@ change to mixedjax's code starts afresh).
   ``MIXEDJAX_EXPORT_CACHE=0`` (read at every call);
 * size: a quarter of ``$MIXEDJAX_CACHE_MAX_BYTES`` (default 256 MiB), programs and executables
   together, the least recently used files removed first;
-* never in the way: a program ``jax.export`` cannot serialize (host callbacks, custom pytrees,
-  unstable static arguments, arguments sharded over several devices, calls under a
-  transformation such as ``vmap``) runs through plain ``jax.jit``, as do calls with tracers.
+* never in the way: unstable static arguments, arguments sharded over several devices and calls
+  under a transformation such as ``vmap`` (tracers) run through plain ``jax.jit``; a program
+  ``jax.export`` cannot serialize (host callbacks, custom pytrees) runs as compiled in this process
+  and is not written.
 
 :func:`stats` counts programs loaded, exported and left to plain ``jax.jit``, and executables loaded.
 
@@ -618,6 +619,7 @@ def _background(target: Callable, *args: Any) -> None:
     """Run ``target(*args)`` in a thread of its own (not a daemon: the interpreter waits for its files at exit)."""
     thread = threading.Thread(target=target, args=args, name="mixedjax-export-cache")
     with _PENDING_LOCK:
+        _PENDING[:] = [t for t in _PENDING if t.is_alive()]  # finished ones need no waiting for
         _PENDING.append(thread)
     thread.start()
 
