@@ -34,7 +34,8 @@ pytree.  The interface, every method pure JAX unless noted:
 ``with_response(data, y)``
     the data with a new response (row order), everything response-free reused;
 ``minimize(theta0, data, reml, ...)`` (host)
-    the backend's optimiser over ``concat(θ, ρ)``, a :class:`mixedjax.optimize.Solution`;
+    the backend's optimiser over ``concat(θ, ρ)``: a :class:`mixedjax.optimize.Solution`, and the
+    :class:`mixedjax.likelihood.Profiled` fit at its ``x`` when the optimiser evaluated it there (else ``None``);
 ``minimize_jax(theta0, data, reml, ...)``
     a pure-JAX (jittable, vmappable) fit, for refitting many responses in one call;
 ``rho_names``, ``rho_to_natural``, ``rho_from_natural``
@@ -502,16 +503,17 @@ class GroupedBackend:
 
     # ---------------------------------------------------------------------------------- optimisers
     def minimize(self, theta0: np.ndarray, data: GroupedModelData, reml: bool, maxiter: int = 200,
-                 gtol: float = 1e-6, em_iter: int = 30, **_: Any) -> Solution:
+                 gtol: float = 1e-6, em_iter: int = 30, **_: Any) -> tuple[Solution, None]:
         dtype = data.cp.xtx.dtype
         if self.residual is None:
             program = fit_grouped_large if data.cp.n.shape[0] >= LARGE_GROUPS else fit_grouped_single
             return jax.device_get(program(jnp.asarray(theta0, dtype), data.cp, data.zmask, self.structure,
                                           reml=bool(reml), maxiter=int(maxiter), gtol=float(gtol),
-                                          em_iter=int(em_iter)))
+                                          em_iter=int(em_iter))), None
         return jax.device_get(_fit_structured_jit(jnp.asarray(theta0, dtype), data.padded, data.strata, data.zmask,
                                                   self.structure, self.residual, reml=bool(reml),
-                                                  maxiter=int(maxiter), gtol=float(gtol), em_iter=int(em_iter)))
+                                                  maxiter=int(maxiter), gtol=float(gtol),
+                                                  em_iter=int(em_iter))), None
 
     def minimize_jax(self, theta0: Array, data: GroupedModelData, reml: bool | Array, maxiter: int = 200,
                      gtol: float = 1e-6, em_iter: int = 10) -> Solution:
@@ -649,7 +651,8 @@ class CrossedBackend:
         return v
 
     def minimize(self, theta0: np.ndarray, data: CrossedModelData, reml: bool, maxiter: int = 1000,
-                 ftol: float = 1e-3, xtol: float = 1e-4, scales: np.ndarray | None = None, **_: Any) -> Solution:
+                 ftol: float = 1e-3, xtol: float = 1e-4, scales: np.ndarray | None = None,
+                 **_: Any) -> tuple[Solution, Profiled | None]:
         """Derivative-free trust-region Newton (:func:`mixedjax.dfo.minimize_dfo`) on ``θ = c sinh φ``.
 
         The host loop calls one small jitted program (the profiled deviance), so compilation
@@ -675,8 +678,13 @@ class CrossedBackend:
         # compiled ahead, so that the optimiser's first batch runs concurrently (and calls skip jit's dispatch)
         program = profiled_jit.compiled(self, theta0, data, reml_arr)
 
+        at = {}  # every point evaluated: the profiled fit at the solution is one of them
+
         def fun(phi):
-            return float(program(to_theta(phi), data, reml_arr).deviance)
+            theta = to_theta(phi)
+            pr = program(theta, data, reml_arr)
+            at[theta.tobytes()] = pr
+            return float(pr.deviance)
 
         with single_threaded_blas(), \
                 ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 2 * theta0.size))) as pool:
@@ -684,7 +692,9 @@ class CrossedBackend:
                                0.1, float(ftol), int(maxiter), xtol=float(xtol), snap=diag,
                                snap_tol=np.arcsinh(SNAP_TOL / c))
         grad = sol.grad / np.where(diag, c * np.cosh(sol.x), 1.0)  # chain rule back to θ
-        return sol._replace(x=to_theta(sol.x), grad=grad, x_start=theta0, grad_norm=float(np.abs(grad).max()))
+        x = to_theta(sol.x)
+        return (sol._replace(x=x, grad=grad, x_start=theta0, grad_norm=float(np.abs(grad).max())),
+                at.get(x.tobytes()))
 
     def _theta_scales(self, data: CrossedModelData) -> np.ndarray:
         """:func:`mixedjax.crossed_data.theta_scales` from the backend's data (refits pass no ``scales``):

@@ -52,7 +52,8 @@ class CrossedData(NamedTuple):
 
     ``d1 (l₁, q₁, q₁)`` and ``r1 (l₁, q₁, p+1)``: per level of the first factor,
     ``Σ z₁z₁ᵀ`` and ``Σ z₁ [x y]ᵀ``; ``g22 (m, m)`` and ``r2 (m, p+1)``: ``Z₂ᵀZ₂`` and
-    ``Z₂ᵀ[X y]`` of the other terms; per other term k, ``pair_i[k], pair_j[k]`` the
+    ``Z₂ᵀ[X y]`` of the other terms (``g22`` is ``(0, 0)`` when every term is scalar: only
+    ``g22_nz`` below is read); per other term k, ``pair_i[k], pair_j[k]`` the
     (first-factor level, term-k level) pairs that share rows and ``pair_b[k]
     (n_k, q_k, q₁)`` their ``Σ z_k z₁ᵀ``; per ordered term pair ``(k, k')``,
     ``pp_a, pp_b`` the index pairs of their pairs that share a first-factor level
@@ -115,13 +116,20 @@ def pairs_of_pairs(ia: np.ndarray, ib: np.ndarray, n_levels: int) -> tuple[np.nd
 _SCALAR_FIELDS = ("pp_i", "pp_c", "pp_seg", "nz_flat", "nz_row", "nz_col", "g22_nz")
 
 
-def _scalar_schur_pattern(b: sp.csr_matrix, g22: np.ndarray) -> tuple[np.ndarray, ...]:
+def _chunks(n: int, size: int = 1 << 16) -> list[tuple[int, int]]:
+    """``[lo, hi)`` slices of ``range(n)``: element-wise work in slices reuses one small temporary."""
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _scalar_schur_pattern(b: sp.csr_matrix, g22: sp.spmatrix) -> tuple[np.ndarray, ...]:
     """Pairs of pairs and non-zeros of the lower triangle of ``S`` for scalar terms (:class:`CrossedData`).
 
-    ``b = Z₁ᵀZ₂`` (rows: first-factor levels).  Row ``i`` with sorted columns
-    ``c₀ < c₁ < …`` contributes every ``(c_p, c_q)``, ``q ≤ p``: enumerated with
-    ``repeat`` arithmetic, no sort (the non-zeros are found by marking a dense
-    ``m x m`` mask).
+    ``b = Z₁ᵀZ₂`` (rows: first-factor levels), ``g22 = Z₂ᵀZ₂`` (sparse).  Row ``i`` with
+    sorted columns ``c₀ < c₁ < …`` contributes every ``(c_p, c_q)``, ``q ≤ p``: enumerated
+    with ``repeat`` arithmetic, no sort (the non-zeros are found by marking a dense
+    ``m x m`` mask).  The pair arrays (millions of entries for InstEval) are formed in
+    place where they can be: fresh memory costs page faults, which were most of this
+    function's time in a new process.
     """
     m = g22.shape[0]
     b.sort_indices()
@@ -129,16 +137,32 @@ def _scalar_schur_pattern(b: sp.csr_matrix, g22: np.ndarray) -> tuple[np.ndarray
     row_of = np.repeat(np.arange(b.shape[0], dtype=np.int32), np.diff(b.indptr))  # level of each stored entry
     npair = np.arange(1, b.nnz + 1, dtype=np.int32) - start[row_of]  # entry p pairs with the p+1 entries q ≤ p
     ea = np.repeat(np.arange(b.nnz, dtype=np.int32), npair)
-    eb = np.arange(len(ea), dtype=np.int32) + np.repeat(start[row_of] - (np.cumsum(npair) - npair), npair)
+    eb = np.repeat((start[row_of] - (np.cumsum(npair) - npair)).astype(np.int32), npair)
     ind = b.indices.astype(np.int32)
-    flat = ind[ea] * np.int32(m) + ind[eb]
+    flat = np.take(ind, ea)
+    flat *= np.int32(m)
+    for lo, hi in _chunks(len(ea)):
+        eb[lo:hi] += np.arange(lo, hi, dtype=np.int32)
+        flat[lo:hi] += np.take(ind, eb[lo:hi], mode="clip")
     mask = np.zeros(m * m, bool)
     mask[flat] = True
-    mask[np.arange(m) * (m + 1)] = True
+    mask[:: m + 1] = True
     nz = np.flatnonzero(mask).astype(np.int32)
-    seg = (np.cumsum(mask, dtype=np.int32) - 1)[flat]
+    rank = np.cumsum(mask, dtype=np.int32)
+    rank -= 1
+    seg = np.take(rank, flat, out=flat, mode="clip")  # unbuffered: each index is read before its slot is written
+    coef = np.take(b.data, ea, mode="clip")
+    for lo, hi in _chunks(len(ea)):
+        coef[lo:hi] *= np.take(b.data, eb[lo:hi], mode="clip")
+    level = np.take(row_of, ea, out=ea, mode="clip")
     rows, cols = np.divmod(nz, np.int32(m))
-    return row_of[ea], b.data[ea] * b.data[eb], seg, nz, rows, cols, g22.ravel()[nz]
+    g = g22.tocoo()
+    keys = g.row.astype(np.int64) * m + g.col
+    order = np.argsort(keys)
+    keys, vals = keys[order], g.data[order]
+    pos = np.minimum(np.searchsorted(keys, nz), max(len(keys) - 1, 0))
+    g22_nz = np.where(keys[pos] == nz, vals[pos], 0.0) if len(keys) else np.zeros(nz.shape)
+    return level, coef, seg, nz, rows, cols, g22_nz
 
 
 def crossed_data(y: np.ndarray, x: np.ndarray, terms: list,
@@ -157,9 +181,11 @@ def crossed_data(y: np.ndarray, x: np.ndarray, terms: list,
     d1 = np.zeros((l1, q1, q1))
     np.add.at(d1, t0.codes, np.einsum("ni,nj->nij", z1w, z1w))
     r1 = np.asarray(z1.T @ xy).reshape(l1, q1, p + 1)
+    scalar_terms = all(q == 1 for q in st.qs) and len(terms) > 1  # S from one segment sum: no dense G₂₂
     if len(terms) > 1:
         z2 = sp.hstack(zs[1:]).tocsr()
-        g22 = (z2.T @ z2).toarray()
+        g22_sparse = (z2.T @ z2).tocsr()
+        g22 = np.zeros((0, 0)) if scalar_terms else g22_sparse.toarray()
         r2 = np.asarray(z2.T @ xy)
     else:
         g22, r2 = np.zeros((0, 0)), np.zeros((0, p + 1))
@@ -180,8 +206,8 @@ def crossed_data(y: np.ndarray, x: np.ndarray, terms: list,
     pp_a, pp_b = [], []
     scalar = (np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int32), np.zeros(0, np.int32),
               np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
-    if all(q == 1 for q in st.qs) and nk:
-        scalar = _scalar_schur_pattern((z1.T @ z2).tocsr(), g22)
+    if scalar_terms:
+        scalar = _scalar_schur_pattern((z1.T @ z2).tocsr(), g22_sparse)
     else:
         for k in range(nk):
             for k2 in range(nk):

@@ -46,6 +46,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -58,7 +59,7 @@ import platform
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -613,19 +614,69 @@ class _Program:
 
 _PENDING: list[threading.Thread] = []
 _PENDING_LOCK = threading.Lock()
+_HELD: list[threading.Thread] = []  # waiting for the end of the outermost :func:`writes_after` block
+_HOLDS = [0]
 
 
 def _background(target: Callable, *args: Any) -> None:
-    """Run ``target(*args)`` in a thread of its own (not a daemon: the interpreter waits for its files at exit)."""
+    """Run ``target(*args)`` in a thread of its own (not a daemon: the interpreter waits for its files at exit),
+    at once or, inside :func:`writes_after`, when that block ends."""
     thread = threading.Thread(target=target, args=args, name="mixedjax-export-cache")
+    with _PENDING_LOCK:
+        if _HOLDS[0]:
+            _HELD.append(thread)
+            return
+    _start(thread)
+
+
+def _start(thread: threading.Thread) -> None:
     with _PENDING_LOCK:
         _PENDING[:] = [t for t in _PENDING if t.is_alive()]  # finished ones need no waiting for
         _PENDING.append(thread)
     thread.start()
 
 
+def _release_held() -> None:
+    with _PENDING_LOCK:
+        held = list(_HELD)
+        _HELD.clear()
+    for thread in held:
+        _start(thread)
+
+
+@contextlib.contextmanager
+def writes_after() -> Iterator[None]:
+    """Programs compiled inside this block are exported and written only when it ends (the outermost one).
+
+    The export traces and lowers the program once more, holding the GIL and a core: inside a fit
+    whose evaluations run on every core (the crossed fit) that would slow them down.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> def doubled(x):
+    ...     return 2.0 * x
+    >>> with writes_after():  # compiled and run now, written after the block
+    ...     total = float(cached_jit(doubled)(jnp.ones(3)).sum())
+    >>> total
+    6.0
+    """
+    with _PENDING_LOCK:
+        _HOLDS[0] += 1
+    try:
+        yield
+    finally:
+        with _PENDING_LOCK:
+            _HOLDS[0] -= 1
+            last = _HOLDS[0] == 0
+        if last:
+            _release_held()
+
+
 def wait_for_writes() -> None:
-    """Wait until the programs being exported and written in the background are on disk (:func:`stats` waits)."""
+    """Wait until the programs being exported and written in the background are on disk (:func:`stats` waits;
+    writes held by an enclosing :func:`writes_after` start now)."""
+    _release_held()
     while True:
         with _PENDING_LOCK:
             if not _PENDING:
@@ -676,4 +727,4 @@ def cached_jit(fun: Callable | None = None, *, static_argnames: tuple | str = ()
 
 
 __all__ = ["CachedJit", "Unstable", "cached_jit", "directory", "machine_key", "max_bytes", "program_key", "reset_stats",
-           "source_hash", "stable_repr", "stats", "wait_for_writes"]
+           "source_hash", "stable_repr", "stats", "wait_for_writes", "writes_after"]

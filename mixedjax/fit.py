@@ -27,7 +27,7 @@ import numpy as np
 
 from . import terms as tm
 from .backends import SNAP_TOL, deviance, profiled_jit, single_threaded_blas
-from .export_cache import cached_jit
+from .export_cache import cached_jit, writes_after
 from .optimize import Result, Solution, minimize
 
 
@@ -91,14 +91,21 @@ def with_rows(fm: FittedModel) -> Any:
 
 
 def estimates(backend: Any, data: Any, theta_full: np.ndarray, reml: bool, solution: Solution,
-              rows: Any = None) -> FittedModel:
-    """The :class:`FittedModel` at a given ``concat(θ, ρ)`` (sign-normalised here, the one place)."""
+              rows: Any = None, profiled: Any = None) -> FittedModel:
+    """The :class:`FittedModel` at a given ``concat(θ, ρ)`` (sign-normalised here, the one place).
+
+    ``profiled``: the :class:`mixedjax.likelihood.Profiled` fit at ``theta_full`` when the optimiser has
+    it (the sign of a term's columns changes nothing in it), else it is computed here.
+    """
     theta_full = np.asarray(theta_full, float)
     theta = tm.normalize_theta(theta_full[: backend.n_theta], backend.terms)
     rho = theta_full[backend.n_theta :]
-    with single_threaded_blas():  # OpenBLAS's spinning threads beside XLA's pool: 0.6 s instead of 0.03 s
-        pr = jax.device_get(profiled_jit(backend, jnp.asarray(np.concatenate([theta, rho])), data,
-                                         np.asarray(bool(reml))))
+    if profiled is not None:
+        pr = jax.device_get(profiled)
+    else:
+        with single_threaded_blas():  # OpenBLAS's spinning threads beside XLA's pool: 0.6 s instead of 0.03 s
+            pr = jax.device_get(profiled_jit(backend, jnp.asarray(np.concatenate([theta, rho])), data,
+                                             np.asarray(bool(reml))))
     sigma2 = float(pr.sigma2)
     a = np.asarray(pr.normal.a, float)
     try:
@@ -131,8 +138,9 @@ def fit(backend: Any, data: Any, reml: bool = True, start: Any = None, *, rows: 
     ``rows`` to the :class:`FittedModel` (a model's ``rows_data``).
     """
     theta0 = start_theta(backend, start)
-    sol = backend.minimize(theta0, data, bool(reml), **options)
-    return estimates(backend, data, np.asarray(sol.x, float), reml, sol, rows)
+    with writes_after():  # the programs' exports wait for the fit: its evaluations may use every core
+        sol, at_end = backend.minimize(theta0, data, bool(reml), **options)
+        return estimates(backend, data, np.asarray(sol.x, float), reml, sol, rows, at_end)
 
 
 def refit(fm: FittedModel, y: Any = None, reml: bool | None = None, start: Any = None, *,

@@ -11,7 +11,8 @@ import pytest
 # test_term_tests), lmer / residuals / the crossed modules in test_lmer
 MODULES = ["mixedjax.linalg", "mixedjax.covariance", "mixedjax.terms", "mixedjax.data", "mixedjax.likelihood",
            "mixedjax.optimize", "mixedjax.backends", "mixedjax.fit", "mixedjax.model", "mixedjax.results",
-           "mixedjax.lindstrom_bates", "mixedjax.batch", "mixedjax.cache", "mixedjax.distributions"]
+           "mixedjax.lindstrom_bates", "mixedjax.batch", "mixedjax.cache", "mixedjax.distributions",
+           "mixedjax.export_cache"]
 
 
 @pytest.mark.parametrize("name", MODULES)

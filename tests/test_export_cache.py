@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,28 @@ def test_unsupported_programs_fall_back_to_jit(export_dir):
     assert export_cache.stats()["exported"] == 2 and path.read_bytes().startswith(export_cache.MAGIC)
     again = export_cache.cached_jit(_scaled, static_argnames=("k",))
     assert float(again(x, k=2.0)) == pytest.approx(5.0) and export_cache.stats()["loaded"] == 1
+
+
+def _tripled(x):
+    return 3.0 * x
+
+
+def test_writes_inside_writes_after_wait_for_its_end(export_dir):
+    f = export_cache.cached_jit(_tripled)
+    with export_cache.writes_after():
+        with export_cache.writes_after():  # nested: the outermost block's end releases them
+            assert float(f(jnp.ones(2))[0]) == 3.0  # compiled and run at once
+        for thread in threading.enumerate():
+            assert thread.name != "mixedjax-export-cache" or not thread.is_alive()
+        assert not export_dir.exists() or not list(export_dir.glob("*.bin"))
+    export_cache.wait_for_writes()
+    assert len(list(export_dir.glob("*.bin"))) == 1 and export_cache.stats()["exported"] == 1
+    # wait_for_writes inside the block starts the held writes instead of waiting for ever
+    g = export_cache.cached_jit(_scaled, static_argnames=("k",))
+    with export_cache.writes_after():
+        assert float(g(jnp.ones(2), k=2.0)) == 4.0
+        export_cache.wait_for_writes()
+        assert len(list(export_dir.glob("*.bin"))) == 2
 
 
 def test_the_key_follows_static_arguments_and_shapes():
