@@ -48,6 +48,7 @@ from .likelihood import Normal, Profiled, profile_normal
 from .linalg import (
     cholesky,
     cholesky_loop,
+    diagonal,
     logdet_from_cholesky,
     solve_lower,
     solve_lower_loop,
@@ -87,6 +88,12 @@ class CrossedFactor(NamedTuple):
     r2: Array         # (m, p+1) = Λ₂ᵀ Z₂ᵀ [X y] − L₂₁ c₁ (so c₂ = L₂₂⁻¹ r₂)
 
 
+def _take(x: Array, idx: Array) -> Array:
+    """``x[idx]`` for indices formed on the host and known to be in range: a plain gather, without ``x[idx]``'s
+    wrapping of negative indices (three passes over the index array, millions long here, in every evaluation)."""
+    return x.at[idx].get(mode="promise_in_bounds", wrap_negative_indices=False)
+
+
 def _scalar_lam(theta: Array, st: CrossedStructure) -> Array:
     """``λ (m,)``: the θ of each dense-block column (every term scalar).  Broadcasts, not ``jnp.repeat``: its
     cumulative sums made a third of the crossed program's compile time."""
@@ -102,10 +109,10 @@ def _scalar_schur(theta: Array, data: CrossedData, st: CrossedStructure) -> Arra
     m, t1 = st.m, theta[0]
     lam = _scalar_lam(theta, st)
     w1 = t1**2 / (1.0 + t1**2 * data.d1[:, 0, 0])
-    t = jax.ops.segment_sum(w1[data.pp_i] * data.pp_c, data.pp_seg, num_segments=data.nz_flat.shape[0])
-    vals = lam[data.nz_row] * lam[data.nz_col] * (data.g22_nz - t) + (data.nz_row == data.nz_col)
-    return jnp.zeros(m * m, theta.dtype).at[data.nz_flat].set(vals, indices_are_sorted=True,
-                                                             unique_indices=True).reshape(m, m)
+    t = jax.ops.segment_sum(_take(w1, data.pp_i) * data.pp_c, data.pp_seg, num_segments=data.nz_flat.shape[0])
+    vals = _take(lam, data.nz_row) * _take(lam, data.nz_col) * (data.g22_nz - t) + (data.nz_row == data.nz_col)
+    return jnp.zeros(m * m, theta.dtype).at[data.nz_flat].set(vals, indices_are_sorted=True, unique_indices=True,
+                                                             wrap_negative_indices=False).reshape(m, m)
 
 
 def _scalar_normal_equations(theta: Array, data: CrossedData, st: CrossedStructure) -> Normal:
@@ -121,7 +128,7 @@ def _scalar_normal_equations(theta: Array, data: CrossedData, st: CrossedStructu
     a1 = 1.0 + t1**2 * data.d1[:, 0, 0]
     wr1 = (t1**2 / a1)[:, None] * data.r1[:, 0, :]
     quad = wr1.T @ data.r1[:, 0, :]
-    sums = [jax.ops.segment_sum(data.pair_b[k][:, 0, :] * wr1[data.pair_i[k]], data.pair_j[k],
+    sums = [jax.ops.segment_sum(data.pair_b[k][:, 0, :] * _take(wr1, data.pair_i[k]), data.pair_j[k],
                                 num_segments=st.levels[k + 1], indices_are_sorted=True) for k in range(len(st.qs) - 1)]
     r2 = _scalar_lam(theta, st)[:, None] * (data.r2 - jnp.concatenate(sums))
     logdet2, quad2 = dense_logdet_quad(_scalar_schur(theta, data, st), r2)
@@ -186,9 +193,11 @@ def dense_logdet_quad(s: Array, r: Array) -> tuple[Array, Array]:
     with the symmetric-matrix gradient ``Ḡ = ḡ S⁻¹ − Y Q̄ Yᵀ`` (``Y = S⁻¹R``); ``R̄ = Y (Q̄ + Q̄ᵀ)``.
     The reverse rule costs one ``cho_solve`` with the identity instead of
     differentiating the Cholesky factorisation itself.  Under ``vmap`` (many responses) no
-    batched LAPACK call is made on CPU (:func:`mixedjax.linalg.unbatched_lapack`).
+    batched LAPACK call is made on CPU (:func:`mixedjax.linalg.unbatched_lapack`).  Undifferentiated, the
+    lower triangle goes to the factorisation as it is (the symmetrised copy only matters to derivatives).
     """
-    return _dense_fwd(s, r)[0]
+    chol, c, _ = _chol_solves(s, r)
+    return logdet_from_cholesky(chol), c.T @ c
 
 
 def _chol_solves_batched(s: Array, r: Array) -> tuple[Array, Array, Array]:
@@ -220,7 +229,7 @@ def _dense_fwd(s: Array, r: Array):
     # (reverse over reverse, for observed information) that of the function actually computed
     s = jnp.tril(s) + jnp.tril(s, -1).T
     chol, c, y = _chol_solves(s, r)
-    return (2.0 * jnp.sum(jnp.log(jnp.diagonal(chol))), c.T @ c), (chol, y)
+    return (logdet_from_cholesky(chol), c.T @ c), (chol, y)
 
 
 def _dense_bwd(res, g):
@@ -228,7 +237,7 @@ def _dense_bwd(res, g):
     g_logdet, g_quad = g
     sinv = _inverse_from_cholesky(chol)
     gs = g_logdet * sinv - y @ g_quad @ y.T
-    return jnp.tril(gs + gs.T) - jnp.diag(jnp.diagonal(gs)), y @ (g_quad + g_quad.T)
+    return jnp.tril(gs + gs.T) - jnp.diag(diagonal(gs)), y @ (g_quad + g_quad.T)
 
 
 dense_logdet_quad.defvjp(_dense_fwd, _dense_bwd)

@@ -136,9 +136,25 @@ def cho_solve(l: Array, b: Array) -> Array:
     return solve_upper_t(l, solve_lower(l, b))
 
 
+def diagonal(a: Array) -> Array:
+    """The main diagonal of square matrices ``a (..., k, k)``, as a strided slice of the flattened matrix.
+
+    ``jnp.diagonal`` traces a ``k x k`` index mask and a platform-dependent branch; this is one
+    reshape and one slice, which trace and compile in a fraction of the time.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> diagonal(jnp.arange(9.0).reshape(3, 3)).tolist()
+    [0.0, 4.0, 8.0]
+    """
+    k = a.shape[-1]
+    return a.reshape(a.shape[:-2] + (k * k,))[..., :: k + 1]
+
+
 def logdet_from_cholesky(l: Array) -> Array:
     """``log det(l l^T)`` for a lower Cholesky factor ``l`` (..., k, k)."""
-    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(l, axis1=-2, axis2=-1)), axis=-1)
+    return 2.0 * jnp.sum(jnp.log(diagonal(l)), axis=-1)
 
 
 def spd_inverse(a: Array) -> Array:
