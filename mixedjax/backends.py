@@ -700,6 +700,13 @@ class CrossedBackend:
         return (sol._replace(x=x, grad=grad, x_start=theta0, grad_norm=float(np.abs(grad).max())),
                 at.get(x.tobytes()))
 
+    def compile_ahead(self, data: CrossedModelData) -> None:
+        """Start compiling :meth:`minimize`'s program for data of these shapes (arrays or
+        :class:`jax.ShapeDtypeStruct`) in a background thread; :meth:`minimize` then waits for it instead of
+        compiling (:meth:`mixedjax.export_cache.CachedJit.compile_ahead`)."""
+        profiled_jit.compile_ahead(self, jax.ShapeDtypeStruct((self.n_theta,), np.float64), data,
+                                   jax.ShapeDtypeStruct((), np.bool_))
+
     def _theta_scales(self, data: CrossedModelData) -> np.ndarray:
         """:func:`mixedjax.crossed_data.theta_scales` from the backend's data (refits pass no ``scales``):
         ``√(levels / Σ w z²)`` of each diagonal entry's column, 1 elsewhere."""

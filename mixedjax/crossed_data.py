@@ -8,8 +8,10 @@ sparse Schur complement), formed once with numpy/scipy; and the data-only starti
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
@@ -121,7 +123,8 @@ def _chunks(n: int, size: int = 1 << 16) -> list[tuple[int, int]]:
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def _scalar_schur_pattern(b: sp.csr_matrix, g22: sp.spmatrix) -> tuple[np.ndarray, ...]:
+def _scalar_schur_pattern(b: sp.csr_matrix, g22: sp.spmatrix,
+                          on_sizes: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, ...]:
     """Pairs of pairs and non-zeros of the lower triangle of ``S`` for scalar terms (:class:`CrossedData`).
 
     ``b = Z₁ᵀZ₂`` (rows: first-factor levels), ``g22 = Z₂ᵀZ₂`` (sparse).  Row ``i`` with
@@ -129,7 +132,8 @@ def _scalar_schur_pattern(b: sp.csr_matrix, g22: sp.spmatrix) -> tuple[np.ndarra
     with ``repeat`` arithmetic, no sort (the non-zeros are found by marking a dense
     ``m x m`` mask).  The pair arrays (millions of entries for InstEval) are formed in
     place where they can be: fresh memory costs page faults, which were most of this
-    function's time in a new process.
+    function's time in a new process.  ``on_sizes(pairs, non-zeros)`` is called as soon as the two sizes
+    are known, before the values are formed.
     """
     m = g22.shape[0]
     b.sort_indices()
@@ -148,6 +152,8 @@ def _scalar_schur_pattern(b: sp.csr_matrix, g22: sp.spmatrix) -> tuple[np.ndarra
     mask[flat] = True
     mask[:: m + 1] = True
     nz = np.flatnonzero(mask).astype(np.int32)
+    if on_sizes is not None:
+        on_sizes(len(ea), len(nz))
     rank = np.cumsum(mask, dtype=np.int32)
     rank -= 1
     seg = np.take(rank, flat, out=flat, mode="clip")  # unbuffered: each index is read before its slot is written
@@ -165,9 +171,21 @@ def _scalar_schur_pattern(b: sp.csr_matrix, g22: sp.spmatrix) -> tuple[np.ndarra
     return level, coef, seg, nz, rows, cols, g22_nz
 
 
-def crossed_data(y: np.ndarray, x: np.ndarray, terms: list,
-                 w: np.ndarray | None) -> tuple[CrossedData, CrossedStructure]:
-    """Host-side precomputation for :func:`profile_crossed` (terms ordered by levels, largest first)."""
+def array_spec(a: Any) -> jax.ShapeDtypeStruct:
+    """The shape and dtype ``jnp.asarray(a)`` will have (a numpy array or scalar)."""
+    a = np.asarray(a)
+    return jax.ShapeDtypeStruct(a.shape, jax.dtypes.canonicalize_dtype(a.dtype))
+
+
+def crossed_data(y: np.ndarray, x: np.ndarray, terms: list, w: np.ndarray | None,
+                 on_shapes: Callable[[CrossedData, CrossedStructure], None] | None = None
+                 ) -> tuple[CrossedData, CrossedStructure]:
+    """Host-side precomputation for :func:`profile_crossed` (terms ordered by levels, largest first).
+
+    ``on_shapes``: called with a :class:`CrossedData` of :class:`jax.ShapeDtypeStruct`, and the structure,
+    as soon as every shape is known (every term scalar: before the values of the pairs of pairs are
+    formed, most of the time here), so that the program can compile meanwhile.
+    """
     n, p = x.shape
     w = np.ones(n) if w is None else np.asarray(w, float)
     sw = np.sqrt(w)
@@ -206,8 +224,22 @@ def crossed_data(y: np.ndarray, x: np.ndarray, terms: list,
     pp_a, pp_b = [], []
     scalar = (np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int32), np.zeros(0, np.int32),
               np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
+
+    def sizes_known(npp: int, nnz: int) -> None:
+        f64, i32 = jax.dtypes.canonicalize_dtype(np.float64), np.dtype(np.int32)
+        sizes = dict(zip(_SCALAR_FIELDS, [(npp, i32), (npp, f64), (npp, i32), (nnz, i32), (nnz, i32), (nnz, i32),
+                                          (nnz, f64)], strict=True))
+        on_shapes(CrossedData(
+            d1=array_spec(d1), r1=array_spec(r1), g22=array_spec(g22), r2=array_spec(r2),
+            pair_i=tuple(map(array_spec, pair_i)), pair_j=tuple(map(array_spec, pair_j)),
+            pair_b=tuple(map(array_spec, pair_b)), pp_a=(), pp_b=(),
+            **{k: jax.ShapeDtypeStruct((n,), d) for k, (n, d) in sizes.items()},
+            xtx=jax.ShapeDtypeStruct((p, p), f64), xty=jax.ShapeDtypeStruct((p,), f64),
+            yty=jax.ShapeDtypeStruct((), f64), nobs=jax.ShapeDtypeStruct((), f64),
+            sum_logw=jax.ShapeDtypeStruct((), f64)), st)
+
     if scalar_terms:
-        scalar = _scalar_schur_pattern((z1.T @ z2).tocsr(), g22_sparse)
+        scalar = _scalar_schur_pattern((z1.T @ z2).tocsr(), g22_sparse, None if on_shapes is None else sizes_known)
     else:
         for k in range(nk):
             for k2 in range(nk):

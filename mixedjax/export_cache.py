@@ -176,8 +176,8 @@ _KIND: dict[type, str] = {}  # argument leaf type -> "jax", "numpy", "scalar" or
 def _kind(t: type) -> str:
     if issubclass(t, _TRACER):  # under a transformation: plain jit
         kind = ""
-    elif issubclass(t, jax.Array):
-        kind = "jax"
+    elif issubclass(t, jax.Array | jax.ShapeDtypeStruct):
+        kind = "jax"  # a ShapeDtypeStruct stands for an array not formed yet (CachedJit.compile_ahead)
     elif issubclass(t, np.ndarray | np.generic):
         kind = "numpy"
     elif issubclass(t, bool | int | float | complex):
@@ -199,13 +199,14 @@ def _signature(leaves: list) -> tuple | None:
             kind = _kind(t)
         if kind == "jax":
             try:
-                if x.committed and not isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
+                if isinstance(x, jax.Array) and x.committed and not isinstance(x.sharding,
+                                                                              jax.sharding.SingleDeviceSharding):
                     return None  # sharded over devices: plain jit keeps the shardings
-                out.append((x.shape, x.dtype, x.weak_type))
+                out.append((tuple(x.shape), np.dtype(x.dtype), bool(x.weak_type)))
             except Exception:  # noqa: BLE001 - not a concrete array (a tracer of another JAX version)
                 return None
         elif kind == "numpy":
-            out.append((x.shape, x.dtype, False))  # as a committed JAX array of that dtype (never weak)
+            out.append((x.shape, np.dtype(x.dtype), False))  # as a committed JAX array of that dtype (never weak)
         elif kind == "scalar":
             out.append(t)
         else:
@@ -215,7 +216,7 @@ def _signature(leaves: list) -> tuple | None:
 
 def _aval(x: Any) -> tuple:
     """``(shape, dtype, weak type)`` of an argument leaf accepted by :func:`_signature` (for the disk key)."""
-    if isinstance(x, jax.Array):
+    if isinstance(x, jax.Array | jax.ShapeDtypeStruct):
         return (tuple(x.shape), np.dtype(x.dtype), bool(x.weak_type))
     if isinstance(x, np.ndarray | np.generic):
         return (tuple(x.shape), np.dtype(x.dtype), False)
@@ -420,6 +421,7 @@ class CachedJit:
         if not str(getattr(fun, "__module__", "")).startswith("mixedjax"):
             self.fun_id += f"@{_code_hash(fun)}"  # outside mixedjax, source_hash() does not see the code
         self.programs: dict = {}  # in-process key -> _Program (or _PLAIN)
+        self.lock = threading.Lock()  # one _Program per key, also when compile_ahead's thread asks at the same time
         try:
             params = list(inspect.signature(fun).parameters.values())
         except (TypeError, ValueError):
@@ -463,8 +465,11 @@ class CachedJit:
         except TypeError:  # an unhashable static argument: jit says so
             return None, _PLAIN, dyn
         if prog is None:
-            prog = self._program(folder, static, dyn, treedef, tuple(_aval(x) for x in leaves))
-            self.programs[local] = prog
+            with self.lock:
+                prog = self.programs.get(local)
+                if prog is None:
+                    prog = self._program(folder, static, dyn, treedef, tuple(_aval(x) for x in leaves))
+                    self.programs[local] = prog
         return local, prog, dyn
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -495,6 +500,38 @@ class CachedJit:
                 _note(self.fun_id, e)
                 self.programs[local] = _PLAIN
         return self.jitted.lower(*args, **kwargs).compile()
+
+    def compile_ahead(self, *args: Any, **kwargs: Any) -> threading.Thread:
+        """Start compiling the program for these arguments in a thread of its own, and return the thread.
+
+        Arguments not formed yet may be given as :class:`jax.ShapeDtypeStruct` (shape, dtype and weak
+        type as the real ones will have them).  A later call, or :meth:`compiled`, with arguments of the
+        same shapes waits for this compilation instead of starting another: the caller forms its data
+        meanwhile (XLA compiles without the GIL).  Nothing is raised: a failure is noted
+        (:func:`stats`) and the later call compiles as usual.  Only programs kept on disk are compiled
+        ahead (with the cache off this does nothing).
+
+        Examples
+        --------
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> def norm2(x):
+        ...     return jnp.sum(x * x)
+        >>> f = cached_jit(norm2)
+        >>> f.compile_ahead(jax.ShapeDtypeStruct((3,), np.float64)).join()
+        >>> float(f(jnp.arange(3.0)))  # compiled already
+        5.0
+        """
+        def work() -> None:
+            try:
+                _, prog, dyn = self._resolve(args, kwargs)
+                if prog is not _PLAIN:
+                    prog.compile(dyn)
+            except Exception as e:  # noqa: BLE001 - the later call compiles (and raises what jit raises)
+                _note(self.fun_id, e)
+
+        thread = threading.Thread(target=work, name="mixedjax-compile-ahead")
+        thread.start()
+        return thread
 
     def _program(self, folder: Path, static: dict, dyn: dict, treedef: Any, avals: tuple) -> Any:
         try:
@@ -544,6 +581,7 @@ class _Program:
         self.exe = exe
         self.executable: Any = None
         self.verified = True  # False: loaded from disk and not yet run
+        self.lock = threading.Lock()  # one compilation, also when compile_ahead's thread is at it
         if dyn is not None and exe is not None and exe.exists():
             try:
                 self.executable = _read_executable(exe, dyn, exported.out_tree)
@@ -556,14 +594,17 @@ class _Program:
     def compile(self, dyn: dict) -> Any:
         """The executable for arguments like ``dyn`` (lowered and compiled on the first call, then written)."""
         if self.executable is None:
-            hits = _compile_cache_hits()
-            self.executable = self.jitted.lower(dyn).compile()
-            fresh = _compile_cache_hits() == hits
-            if self.path is not None:
-                path, self.path = self.path, None
-                _background(self._export, path, dyn, fresh)
-            elif self.exe is not None and fresh:
-                self._write_executable(dyn, self.exported.out_tree)
+            with self.lock:
+                if self.executable is None:
+                    hits = _compile_cache_hits()
+                    executable = self.jitted.lower(dyn).compile()
+                    fresh = _compile_cache_hits() == hits  # approximate when another program compiles meanwhile
+                    self.executable = executable
+                    if self.path is not None:
+                        path, self.path = self.path, None
+                        _background(self._export, path, dyn, fresh)
+                    elif self.exe is not None and fresh:
+                        self._write_executable(dyn, self.exported.out_tree)
         return self.executable
 
     def _export(self, path: Path, dyn: dict, fresh: bool) -> None:

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -23,7 +24,8 @@ import pandas as pd
 from . import formula as fml
 from . import sources
 from .backends import CrossedBackend, CrossedModelData, profiled_jit
-from .crossed_data import crossed_data, mivque_start, theta_scales
+from .crossed_data import CrossedData, CrossedStructure, array_spec, crossed_data, mivque_start, theta_scales
+from .export_cache import writes_after
 from .model import LinearMixedModel, MixedLM, TermInfo
 from .residuals import bind
 
@@ -406,11 +408,12 @@ def lmer(
         if residual is not None:
             raise NotImplementedError("structured residuals (VarIdent, AR1) with crossed random effects are not "
                                       "implemented: they need one grouping factor or nested ones")
-        model = CrossedLM(y, x.to_numpy(), terms, weights=w, exog_names=list(x.columns), endog_name=yname)
-        model.formula, model.data, model.designs = formula, frame, {"fe": x}
-        model.bars = bars
-        model.refit_formula = functools.partial(_refit_formula, data=frame, weights=w)
-        return model.fit(reml=reml, **fit_kwargs)
+        with writes_after():  # the program compiled ahead is written once the fit is done
+            model = CrossedLM(y, x.to_numpy(), terms, weights=w, exog_names=list(x.columns), endog_name=yname)
+            model.formula, model.data, model.designs = formula, frame, {"fe": x}
+            model.bars = bars
+            model.refit_formula = functools.partial(_refit_formula, data=frame, weights=w)
+            return model.fit(reml=reml, **fit_kwargs)
 
     outer, corr, vc_terms = plan
     groups = pd.Series(pd.Categorical.from_codes(outer.codes, categories=[str(v) for v in outer.levels]))
@@ -545,14 +548,18 @@ class CrossedLM(LinearMixedModel):
             raise ValueError("weights must be positive")
         self.weights = None if weights is None else np.asarray(weights, float)
         self.lmer_terms = sorted(terms, key=lambda t: -t.n_levels)
-        cd, st = crossed_data(self.endog, self.exog, self.lmer_terms, self.weights)
+        sw = np.ones(self.nobs) if self.weights is None else np.sqrt(self.weights)
+        rows = (self.exog, sw, tuple(t.codes.astype(np.int32) for t in self.lmer_terms),
+                tuple(t.z for t in self.lmer_terms))
+
+        def compile_ahead(spec: CrossedData, st: CrossedStructure) -> None:
+            # the fit's program compiles while the data are formed
+            CrossedBackend(st).compile_ahead(CrossedModelData(spec, None, *jax.tree.map(array_spec, rows)))
+
+        cd, st = crossed_data(self.endog, self.exog, self.lmer_terms, self.weights, on_shapes=compile_ahead)
         self.structure = st
         self.backend = CrossedBackend(st)
-        sw = np.ones(self.nobs) if self.weights is None else np.sqrt(self.weights)
-        self.backend_data = CrossedModelData(
-            cd, None, jnp.asarray(self.exog), jnp.asarray(sw),
-            tuple(jnp.asarray(t.codes.astype(np.int32)) for t in self.lmer_terms),
-            tuple(jnp.asarray(t.z) for t in self.lmer_terms))
+        self.backend_data = CrossedModelData(cd, None, *jax.tree.map(jnp.asarray, rows))
         self.term_info = [TermInfo(t.label, t.factor, tuple(t.names), tuple(str(v) for v in t.levels), t.source)
                           for t in self.lmer_terms]
         self.k_re = self.lmer_terms[0].q

@@ -12,8 +12,10 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
+import mixedjax
 from mixedjax import cache, export_cache
 from mixedjax.covariance import CovStructure
 
@@ -163,6 +165,38 @@ def test_writes_inside_writes_after_wait_for_its_end(export_dir):
         assert len(list(export_dir.glob("*.bin"))) == 2
 
 
+def _cubed(x):
+    return x**3
+
+
+def test_compile_ahead_is_the_compilation_the_call_uses(export_dir):
+    compiles = []
+
+    def listen(event, secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(secs)
+
+    x, x1, ones = (jax.device_put(v) for v in (np.arange(4.0), np.arange(1.0, 5.0), np.ones(3)))  # no programs
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        f = export_cache.cached_jit(_cubed)
+        thread = f.compile_ahead(jax.ShapeDtypeStruct((4,), np.float64))  # the array does not exist yet
+        np.testing.assert_allclose(f(x), np.arange(4.0) ** 3)  # waits for the thread's compilation
+        thread.join()
+        np.testing.assert_allclose(f.compiled(x)(x1), np.arange(1.0, 5.0) ** 3)
+        assert len(compiles) == 1, compiles
+        # a wrong guess costs a compilation, never a wrong answer
+        f.compile_ahead(jax.ShapeDtypeStruct((5,), np.float64)).join()
+        np.testing.assert_allclose(f(ones), np.ones(3))
+        assert len(compiles) == 3, compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    # what jit cannot trace is noted, not raised
+    g = export_cache.cached_jit(_cubed)
+    g.compile_ahead(jax.ShapeDtypeStruct((2, 2), np.dtype("U1"))).join()
+    assert any("_cubed" in e for e in export_cache.stats()["errors"])
+
+
 def test_the_key_follows_static_arguments_and_shapes():
     def key(static, shape, dtype=np.float64, weak=False, opts=None):
         treedef = jax.tree_util.tree_structure({"x": 0})
@@ -301,3 +335,43 @@ def test_a_call_under_a_thread_local_configuration_is_not_written_wrongly(export
     assert not list(export_dir.glob("*"))
     np.testing.assert_allclose(f(np.ones(3)), 2.0 * np.ones(3))  # the global configuration: float64, written
     assert export_cache.stats()["exported"] == 1
+
+
+def test_the_crossed_fit_compiles_its_program_once_while_the_data_are_formed(export_dir):
+    """lmer's crossed models start compiling the fit's program when the data's shapes are known
+    (``crossed_data(on_shapes=...)``): the shapes guessed are those of the data formed, and the fit
+    waits for that compilation instead of compiling again."""
+    from mixedjax.crossed_data import crossed_data
+    from mixedjax.lmer import RETerm
+
+    rng = np.random.default_rng(7)
+    n, la, lb, lc = 1500, 41, 23, 5  # sizes of this test's own: no other test compiled this program
+    codes = [rng.integers(0, k, n) for k in (la, lb, lc)]
+    terms = [RETerm(f"g{j}", c, np.arange(k).astype(str), np.ones((n, 1)), ["(Intercept)"], f"g{j}", f"g{j}")
+             for j, (c, k) in enumerate(zip(codes, (la, lb, lc), strict=True))]
+    x = np.column_stack([np.ones(n), rng.normal(size=n)])
+    y = x @ [1.0, 0.5] + sum(rng.normal(size=k)[c] for c, k in zip(codes, (la, lb, lc), strict=True)) \
+        + rng.normal(size=n)
+    specs = []
+    data, st = crossed_data(y, x, terms, None, on_shapes=lambda spec, s: specs.append((spec, s)))
+    assert len(specs) == 1 and specs[0][1] == st
+
+    def avals(tree):
+        return jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype), bool(getattr(a, "weak_type", False))), tree)
+
+    assert avals(specs[0][0]) == avals(data)
+    compiles = []
+
+    def listen(event, secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kwargs.get("fun_name"))
+
+    df = pd.DataFrame({"y": y, "x": x[:, 1], **{f"g{j}": c for j, c in enumerate(codes)}})
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        r = mixedjax.lmer("y ~ x + (1 | g0) + (1 | g1) + (1 | g2)", df)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert r.converged
+    assert len(compiles) == 1, compiles
+    np.testing.assert_allclose(r.llf, -0.5 * r.model.deviance(r.theta), rtol=0, atol=1e-9)
