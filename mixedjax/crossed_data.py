@@ -246,14 +246,12 @@ def crossed_data(y: np.ndarray, x: np.ndarray, terms: list, w: np.ndarray | None
                 a, b = pairs_of_pairs(pair_i[k], pair_i[k2], l1)
                 pp_a.append(a)
                 pp_b.append(b)
-    data = CrossedData(
-        d1=jnp.asarray(d1), r1=jnp.asarray(r1), g22=jnp.asarray(g22), r2=jnp.asarray(r2),
-        pair_i=tuple(jnp.asarray(v) for v in pair_i), pair_j=tuple(jnp.asarray(v) for v in pair_j),
-        pair_b=tuple(jnp.asarray(v) for v in pair_b), pp_a=tuple(jnp.asarray(v) for v in pp_a),
-        pp_b=tuple(jnp.asarray(v) for v in pp_b), **dict(zip(_SCALAR_FIELDS, map(jnp.asarray, scalar), strict=True)),
-        xtx=jnp.asarray(xy[:, :p].T @ xy[:, :p]), xty=jnp.asarray(xy[:, :p].T @ xy[:, p]),
-        yty=jnp.asarray(xy[:, p] @ xy[:, p]), nobs=jnp.asarray(np.float64(n)), sum_logw=jnp.asarray(np.log(w).sum()),
-    )
+    # jax.device_put, not jnp.asarray: on jax 0.10 the latter compiles a program for each new shape (~20 ms each)
+    data = jax.device_put(CrossedData(
+        d1=d1, r1=r1, g22=g22, r2=r2, pair_i=tuple(pair_i), pair_j=tuple(pair_j), pair_b=tuple(pair_b),
+        pp_a=tuple(pp_a), pp_b=tuple(pp_b), **dict(zip(_SCALAR_FIELDS, scalar, strict=True)),
+        xtx=xy[:, :p].T @ xy[:, :p], xty=xy[:, :p].T @ xy[:, p], yty=np.float64(xy[:, p] @ xy[:, p]),
+        nobs=np.float64(n), sum_logw=np.float64(np.log(w).sum())))
     return data, st
 
 

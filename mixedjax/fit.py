@@ -104,7 +104,7 @@ def estimates(backend: Any, data: Any, theta_full: np.ndarray, reml: bool, solut
         pr = jax.device_get(profiled)
     else:
         with single_threaded_blas():  # OpenBLAS's spinning threads beside XLA's pool: 0.6 s instead of 0.03 s
-            pr = jax.device_get(profiled_jit(backend, jnp.asarray(np.concatenate([theta, rho])), data,
+            pr = jax.device_get(profiled_jit(backend, jax.device_put(np.concatenate([theta, rho])), data,
                                              np.asarray(bool(reml))))
     sigma2 = float(pr.sigma2)
     a = np.asarray(pr.normal.a, float)

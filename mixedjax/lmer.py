@@ -559,7 +559,7 @@ class CrossedLM(LinearMixedModel):
         cd, st = crossed_data(self.endog, self.exog, self.lmer_terms, self.weights, on_shapes=compile_ahead)
         self.structure = st
         self.backend = CrossedBackend(st)
-        self.backend_data = CrossedModelData(cd, None, *jax.tree.map(jnp.asarray, rows))
+        self.backend_data = CrossedModelData(cd, None, *jax.device_put(rows))  # no program per shape (jax 0.10)
         self.term_info = [TermInfo(t.label, t.factor, tuple(t.names), tuple(str(v) for v in t.levels), t.source)
                           for t in self.lmer_terms]
         self.k_re = self.lmer_terms[0].q

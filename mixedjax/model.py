@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -514,8 +515,8 @@ class MixedLM(LinearMixedModel):
         self.backend = GroupedBackend(self.structure, None if bound is None else bound.spec)
         if bound is None:  # iid: the fit needs only the cross-products; the rows are padded on first use
             cp = row_cross_products(gi.codes, y, x, z, None if weights is None else w, g_pad)
-            self.backend_data = GroupedModelData(None, cp, jnp.asarray(zmask), None, None, None, tuple(vc_group),
-                                                 tuple(vc_col))
+            self.backend_data = GroupedModelData(None, cp, jax.device_put(np.asarray(zmask)), None, None, None,
+                                                 tuple(vc_group), tuple(vc_col))
         else:
             self.backend_data = self._laid_out(jnp.asarray(zmask), tuple(vc_group), tuple(vc_col), None)
         self._rows_data: GroupedModelData | None = None

@@ -11,6 +11,7 @@ import functools
 import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -288,7 +289,7 @@ class MixedLMResults(InferenceMixin):
         backend = fm.backend
         v = np.concatenate([natural_from_fit(backend, fm.theta_full, self.scale), [self.scale]])
         # β profiled (REML: integrated out, as the criterion itself): the v-block of the inverse joint information
-        h = np.asarray(info_natural_jit(backend, jnp.asarray(v), None, fm.data, self.reml))
+        h = np.asarray(info_natural_jit(backend, jax.device_put(v), None, fm.data, self.reml))
         k = natural_size(backend)
         if np.all(np.isfinite(h)):
             try:

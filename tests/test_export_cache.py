@@ -173,7 +173,7 @@ def test_compile_ahead_is_the_compilation_the_call_uses(export_dir):
     compiles = []
 
     def listen(event, secs, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event == "/jax/core/compile/backend_compile_duration" and kwargs.get("fun_name") == "jit(bound_fun)":
             compiles.append(secs)
 
     x, x1, ones = (jax.device_put(v) for v in (np.arange(4.0), np.arange(1.0, 5.0), np.ones(3)))  # no programs
@@ -363,8 +363,8 @@ def test_the_crossed_fit_compiles_its_program_once_while_the_data_are_formed(exp
     compiles = []
 
     def listen(event, secs, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(kwargs.get("fun_name"))
+        if event == "/jax/core/compile/backend_compile_duration" and kwargs.get("fun_name") == "jit(bound_fun)":
+            compiles.append(kwargs.get("fun_name"))  # mixedjax's cached programs (jax 0.10 also stages arrays)
 
     df = pd.DataFrame({"y": y, "x": x[:, 1], **{f"g{j}": c for j, c in enumerate(codes)}})
     jax.monitoring.register_event_duration_secs_listener(listen)
