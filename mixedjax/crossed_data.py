@@ -172,7 +172,15 @@ def _scalar_schur_pattern(b: sp.csr_matrix, g22: sp.spmatrix,
 
 
 def array_spec(a: Any) -> jax.ShapeDtypeStruct:
-    """The shape and dtype ``jnp.asarray(a)`` will have (a numpy array or scalar)."""
+    """The shape and dtype ``jax.device_put(a)`` will have (a numpy array or scalar): the stand-in for an array
+    not formed yet when a program is compiled ahead (``crossed_data(on_shapes=...)``).
+
+    Examples
+    --------
+    >>> s = array_spec(np.zeros((2, 3), np.int32))
+    >>> s.shape, str(s.dtype)
+    ((2, 3), 'int32')
+    """
     a = np.asarray(a)
     return jax.ShapeDtypeStruct(a.shape, jax.dtypes.canonicalize_dtype(a.dtype))
 
